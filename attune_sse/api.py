@@ -1,0 +1,162 @@
+"""The REST endpoints the UI and the smoke scripts use: packs, actions, executions."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from flask_jwt_extended import jwt_required
+
+from . import store
+from .auth import current_identity_id
+from .errors import Conflict, NotFound, Unprocessable
+from .web import invalid, json_body, optional_string, positive_int_arg, required_string, state
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+PACK_REF = re.compile(r"^[a-z][a-z0-9_-]+$")
+ACTION_REF = re.compile(r"^([a-z][a-z0-9_-]+)\.[A-Za-z0-9_.-]+$")
+MAX_PAGE_SIZE = 500
+MAX_ID = 2**63 - 1  # bigint
+
+
+@bp.before_request
+@jwt_required()
+def require_token() -> None:
+    """Every endpoint of this blueprint needs an access token."""
+
+
+# -- packs ---------------------------------------------------------------------
+
+@bp.get("/packs")
+def list_packs() -> Any:
+    with state().pool.cursor() as cur:
+        return jsonify({"data": store.list_packs(cur)})
+
+
+@bp.post("/packs")
+def create_pack() -> Any:
+    body = json_body()
+    ref = required_string(body, "ref", max_length=100)
+    if not PACK_REF.match(ref):
+        raise invalid("ref", "must match ^[a-z][a-z0-9_-]+$ (lower case, at least two characters)")
+    label = optional_string(body, "label", max_length=255) or ref
+    description = optional_string(body, "description", max_length=10_000)
+    version = optional_string(body, "version", max_length=50) or "0.1.0"
+    with state().pool.cursor() as cur:
+        pack = store.insert_pack(cur, ref, label, description, version)
+    if pack is None:
+        raise Conflict(f"Pack '{ref}' already exists.", code="PACK_EXISTS")
+    return jsonify({"data": pack}), 201
+
+
+# -- actions -------------------------------------------------------------------
+
+@bp.get("/actions")
+def list_actions() -> Any:
+    pack_ref = request.args.get("pack_ref") or None
+    with state().pool.cursor() as cur:
+        return jsonify({"data": store.list_actions(cur, pack_ref)})
+
+
+@bp.post("/actions")
+def create_action() -> Any:
+    body = json_body()
+    ref = required_string(body, "ref", max_length=255)
+    match = ACTION_REF.match(ref)
+    if not match:
+        raise invalid("ref", "must look like 'pack.action' (for example test_sse_pack.test_action)")
+    pack_ref = optional_string(body, "pack_ref", max_length=100) or match.group(1)
+    if pack_ref != match.group(1):
+        raise invalid("pack_ref", f"must be the part of 'ref' before the first dot ({match.group(1)!r})")
+    label = optional_string(body, "label", max_length=255) or ref
+    description = optional_string(body, "description", max_length=10_000)
+    entrypoint = optional_string(body, "entrypoint", max_length=1000) or ""
+    with state().pool.cursor() as cur:
+        pack = store.pack_by_ref(cur, pack_ref)
+        if pack is None:
+            raise Unprocessable(f"Pack '{pack_ref}' does not exist; create it first.", code="PACK_NOT_FOUND")
+        action = store.insert_action(cur, pack, ref, label, description, entrypoint)
+    if action is None:
+        raise Conflict(f"Action '{ref}' already exists.", code="ACTION_EXISTS")
+    return jsonify({"data": action}), 201
+
+
+# -- executions ----------------------------------------------------------------
+
+def _status(value: Any, field: str = "status") -> str:
+    if value not in store.EXECUTION_STATUSES:
+        raise invalid(field, f"must be one of {', '.join(store.EXECUTION_STATUSES)}")
+    return value
+
+
+@bp.get("/executions")
+def list_executions() -> Any:
+    status = request.args.get("status") or None
+    if status is not None:
+        _status(status)
+    action_ref = request.args.get("action_ref") or None
+    page = positive_int_arg("page", 1, maximum=1_000_000)
+    per_page = positive_int_arg("per_page", 50, maximum=MAX_PAGE_SIZE)
+    with state().pool.cursor() as cur:
+        rows, total = store.list_executions(
+            cur, status=status, action_ref=action_ref, limit=per_page, offset=(page - 1) * per_page
+        )
+    return jsonify({"data": rows, "meta": {"page": page, "per_page": per_page, "total": total}})
+
+
+def _not_found(execution_id: int) -> NotFound:
+    return NotFound(f"Execution {execution_id} does not exist.", code="EXECUTION_NOT_FOUND")
+
+
+@bp.get("/executions/<int:execution_id>")
+def get_execution(execution_id: int) -> Any:
+    if execution_id > MAX_ID:
+        raise _not_found(execution_id)
+    with state().pool.cursor() as cur:
+        execution = store.execution_by_id(cur, execution_id)
+    if execution is None:
+        raise _not_found(execution_id)
+    return jsonify({"data": execution})
+
+
+@bp.post("/executions")
+def create_execution() -> Any:
+    body = json_body()
+    action_ref = required_string(body, "action_ref", max_length=255)
+    config = body.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise invalid("config", "must be a JSON object or null")
+    parent = body.get("parent")
+    if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 1 <= parent <= MAX_ID):
+        raise invalid("parent", "must be the id of an execution")
+    with state().pool.cursor() as cur:
+        action = store.action_by_ref(cur, action_ref)
+        if action is None:
+            raise Unprocessable(f"Action '{action_ref}' does not exist.", code="ACTION_NOT_FOUND")
+        if parent is not None and store.execution_by_id(cur, parent) is None:
+            raise Unprocessable(f"Parent execution {parent} does not exist.", code="EXECUTION_NOT_FOUND")
+        execution = store.insert_execution(cur, action, config, current_identity_id(), parent)
+    return jsonify({"data": execution}), 201
+
+
+@bp.patch("/executions/<int:execution_id>")
+def update_execution(execution_id: int) -> Any:
+    if execution_id > MAX_ID:
+        raise _not_found(execution_id)
+    body = json_body()
+    unknown = set(body) - {"status", "result"}
+    if unknown:
+        raise invalid(sorted(unknown)[0], "is not a field you can change (status, result)")
+    if not body:
+        raise invalid("status", "or 'result' is required")
+    status = _status(body["status"]) if "status" in body else None
+    changes: dict[str, Any] = {"status": status}
+    if "result" in body:
+        changes["result"] = body["result"]
+    with state().pool.cursor() as cur:
+        execution = store.update_execution(cur, execution_id, **changes)
+    if execution is None:
+        raise _not_found(execution_id)
+    return jsonify({"data": execution})

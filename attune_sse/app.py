@@ -1,0 +1,109 @@
+"""The Flask application factory: wires config, pool, hub, listener and views."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+
+from . import api, auth, stream
+from .config import Config, load_config, log_level
+from .db import Pool, resolve_url
+from .errors import NotReady
+from .hub import Hub
+from .listener import Listener
+from .web import EXTENSION, AppState, register_error_handlers, state
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class JSONProvider(DefaultJSONProvider):
+    """ISO 8601 timestamps (Flask's default is the HTTP date format) and keys in order."""
+
+    sort_keys = False
+
+    @staticmethod
+    def default(o: Any) -> Any:
+        if isinstance(o, dt.datetime):
+            return o.isoformat()
+        return DefaultJSONProvider.default(o)
+
+
+def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_listener: bool = True) -> Flask:
+    """Build the app; with ``start_listener`` its LISTEN greenlet starts at once."""
+    if not isinstance(config, Config):
+        config = load_config(config)
+    logging.getLogger("attune_sse").setLevel(log_level(config))
+
+    app = Flask(__name__)
+    app.json = JSONProvider(app)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    url = resolve_url(config)
+    hub = Hub(max_pending=config["server.sse_queue_size"])
+    listener = Listener(
+        url,
+        hub,
+        ping_interval=config["listener.ping_interval"],
+        ping_timeout=config["listener.ping_timeout"],
+        reconnect_max_delay=config["listener.reconnect_max_delay"],
+    )
+    app.extensions[EXTENSION] = AppState(
+        config=config, pool=Pool(url, config["database.pool_size"]), hub=hub, listener=listener
+    )
+
+    register_error_handlers(app)
+    auth.init_app(app, config)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(stream.bp)
+    app.add_url_rule("/healthz", view_func=healthz)
+    app.add_url_rule("/readyz", view_func=readyz)
+    _init_cors(app, config["server.cors_origins"])
+
+    if start_listener:
+        listener.start()
+    return app
+
+
+def healthz() -> Any:
+    """Alive: the worker answers."""
+    return jsonify({"data": {"status": "ok", "pid": os.getpid()}})
+
+
+def readyz() -> Any:
+    """Ready: the database answers and this worker's listener is connected."""
+    app_state = state()
+    try:
+        with app_state.pool.cursor() as cur:
+            cur.execute("SELECT 1")
+    except NotReady as exc:
+        raise NotReady(f"Not ready: {exc.message}", code="DATABASE_UNAVAILABLE") from None
+    if not app_state.listener.connected:
+        raise NotReady("Not ready: the LISTEN connection is down; it is reconnecting.",
+                       code="LISTENER_DISCONNECTED")
+    return jsonify({"data": {
+        "status": "ready",
+        "pid": os.getpid(),
+        "listener_backend_pid": app_state.listener.backend_pid,
+        "streams": len(app_state.hub),
+    }})
+
+
+def _init_cors(app: Flask, origins: list[str]) -> None:
+    allowed = set(origins)
+
+    @app.after_request
+    def cors(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin and origin in allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Last-Event-ID"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, OPTIONS"
+            response.headers.add("Vary", "Origin")
+        return response

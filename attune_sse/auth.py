@@ -1,0 +1,145 @@
+"""Identities and JWTs: login, registration, refresh, and the 401 answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from flask import Blueprint, Flask, current_app, jsonify
+from flask_jwt_extended import (
+    JWTManager,
+    create_access_token,
+    create_refresh_token,
+    get_jwt,
+    jwt_required,
+)
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from . import store
+from .config import Config
+from .errors import Conflict, Forbidden, NotFound, Unauthorized
+from .web import invalid, json_body, optional_string, required_string, state
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+# Checked against when the login is unknown, so both failures take as long.
+_DUMMY_HASH = generate_password_hash("attune-sse timing equaliser")
+
+
+def init_app(app: Flask, config: Config) -> None:
+    """Configure flask-jwt-extended from the config and register the blueprint."""
+    app.config.update(
+        JWT_SECRET_KEY=config["security.jwt_secret"],
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_ACCESS_TOKEN_EXPIRES=dt.timedelta(seconds=config["security.jwt_access_expiration"]),
+        JWT_REFRESH_TOKEN_EXPIRES=dt.timedelta(seconds=config["security.jwt_refresh_expiration"]),
+        JWT_TOKEN_LOCATION=["headers"],
+        JWT_QUERY_STRING_NAME="token",
+        JWT_ERROR_MESSAGE_KEY="error",
+    )
+    jwt = JWTManager(app)
+
+    def deny(message: str, code: str) -> Any:
+        return jsonify(Unauthorized(message, code=code).to_dict()), 401
+
+    jwt.unauthorized_loader(
+        lambda reason: deny(
+            "Missing access token: send 'Authorization: Bearer <token>' (or ?token= on the stream).",
+            "TOKEN_MISSING",
+        )
+    )
+    jwt.invalid_token_loader(lambda reason: deny(f"Invalid token: {reason}.", "TOKEN_INVALID"))
+    jwt.expired_token_loader(
+        lambda header, payload: deny("Token has expired: refresh it or log in again.", "TOKEN_EXPIRED")
+    )
+    jwt.revoked_token_loader(lambda header, payload: deny("Token has been revoked.", "TOKEN_REVOKED"))
+    jwt.user_lookup_error_loader(
+        lambda header, payload: deny("The token's identity no longer exists.", "TOKEN_INVALID")
+    )
+    app.register_blueprint(bp)
+
+
+def issue_tokens(identity: dict[str, Any]) -> dict[str, Any]:
+    """The body of a successful login or registration."""
+    config = state().config
+    claims = {"login": identity["login"]}
+    subject = str(identity["id"])
+    return {
+        "access_token": create_access_token(subject, additional_claims={**claims, "token_type": "access"}),
+        "refresh_token": create_refresh_token(subject, additional_claims={**claims, "token_type": "refresh"}),
+        "token_type": "Bearer",
+        "expires_in": config["security.jwt_access_expiration"],
+        "user": public_identity(identity),
+    }
+
+
+def public_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    return {"id": identity["id"], "login": identity["login"], "display_name": identity["display_name"]}
+
+
+def current_identity_id() -> int:
+    return int(get_jwt()["sub"])
+
+
+@bp.post("/login")
+def login() -> Any:
+    body = json_body()
+    login_name = required_string(body, "login", max_length=255)
+    password = required_string(body, "password", max_length=1024)
+    with state().pool.cursor() as cur:
+        identity = store.identity_by_login(cur, login_name)
+    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _DUMMY_HASH
+    if not check_password_hash(stored_hash, password) or identity is None:
+        current_app.logger.info("login failed for %r", login_name)
+        raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")
+    return jsonify({"data": issue_tokens(identity)})
+
+
+@bp.post("/register")
+def register() -> Any:
+    if not state().config["security.allow_registration"]:
+        raise Forbidden("Registration is closed on this server (security.allow_registration).",
+                        code="REGISTRATION_CLOSED")
+    body = json_body()
+    login_name = required_string(body, "login", max_length=255)
+    password = required_string(body, "password", max_length=1024)
+    if len(password) < 8:
+        raise invalid("password", "must be at least 8 characters")
+    display_name = optional_string(body, "display_name", max_length=255) or login_name
+    identity = create_identity(login_name, password, display_name)
+    return jsonify({"data": issue_tokens(identity)}), 201
+
+
+def create_identity(login_name: str, password: str, display_name: str | None) -> dict[str, Any]:
+    """Store a new identity with a hashed password; 409 if the login is taken."""
+    with state().pool.cursor() as cur:
+        identity = store.insert_identity(cur, login_name, display_name, generate_password_hash(password))
+    if identity is None:
+        raise Conflict(f"Login '{login_name}' is already taken.", code="LOGIN_TAKEN")
+    return identity
+
+
+@bp.post("/refresh")
+@jwt_required(refresh=True)
+def refresh() -> Any:
+    claims = get_jwt()
+    config = state().config
+    token = create_access_token(
+        claims["sub"], additional_claims={"login": claims.get("login"), "token_type": "access"}
+    )
+    return jsonify({"data": {
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": config["security.jwt_access_expiration"],
+    }})
+
+
+@bp.get("/me")
+@jwt_required()
+def me() -> Any:
+    with state().pool.cursor() as cur:
+        identity = store.identity_by_id(cur, current_identity_id())
+    if identity is None:
+        raise NotFound("The token's identity no longer exists.", code="IDENTITY_NOT_FOUND")
+    return jsonify({"data": public_identity(identity)})

@@ -1,0 +1,116 @@
+"""The ``attune-sse`` command: serve, migrate, user create."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import CONFIG_ENV, ENV_PREFIX, Config, load_config, log_level
+from .errors import AttuneError
+
+GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+
+config_option = click.option(
+    "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar=CONFIG_ENV,
+    help=f"YAML config file (default: ${CONFIG_ENV}).",
+)
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        config = load_config(config_path)
+    except AttuneError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(level=log_level(config), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return config
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """attune-sse: live execution updates from PostgreSQL to Server-Sent Events."""
+
+
+@main.command()
+@config_option
+@click.option("--host", help="Override server.host.")
+@click.option("--port", type=int, help="Override server.port.")
+@click.option("--workers", type=int, help="Override server.workers.")
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int | None) -> None:
+    """Run the service under gunicorn with gevent workers."""
+    env = dict(os.environ)
+    if config_path:
+        env[CONFIG_ENV] = str(Path(config_path).resolve())
+    for key, value in (("SERVER__HOST", host), ("SERVER__PORT", port), ("SERVER__WORKERS", workers)):
+        if value is not None:
+            env[ENV_PREFIX + key] = str(value)
+    try:
+        load_config(environ=env)  # fail here, in one line, rather than inside gunicorn
+    except AttuneError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not GUNICORN_CONF.exists():
+        raise click.ClickException(f"{GUNICORN_CONF} is missing; install attune-sse from a checkout (pip install -e .)")
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)]
+    os.execve(sys.executable, argv, env)
+
+
+@main.command()
+@config_option
+def migrate(config_path: str | None) -> None:
+    """Apply the SQL migrations of sql/ that the database has not applied yet."""
+    from .db import database
+    from .migrate import apply_migrations
+
+    config = _load(config_path)
+    try:
+        with database(config) as url:
+            applied = apply_migrations(url)
+    except AttuneError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "; up to date"))
+
+
+@main.group()
+def user() -> None:
+    """Manage identities."""
+
+
+@user.command("create")
+@click.argument("login")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              help="The password (asked for when not given).")
+@click.option("--display-name", help="Name shown in the UI (default: the login).")
+@config_option
+def user_create(login: str, password: str, display_name: str | None, config_path: str | None) -> None:
+    """Create an identity that can log in."""
+    import psycopg2
+    from werkzeug.security import generate_password_hash
+
+    from . import store
+    from .db import connect, database
+    from .migrate import apply_migrations
+
+    config = _load(config_path)
+    try:
+        with database(config) as url:
+            apply_migrations(url)
+            conn = connect(url)
+            try:
+                with conn, conn.cursor() as cur:
+                    created = store.insert_identity(
+                        cur, login, display_name or login, generate_password_hash(password)
+                    )
+            finally:
+                conn.close()
+    except (AttuneError, psycopg2.Error) as exc:
+        raise click.ClickException(str(exc).strip()) from None
+    if created is None:
+        raise click.ClickException(f"login {login!r} is already taken")
+    click.echo(f"created identity {created[0]} ({login})")
+
+
+if __name__ == "__main__":
+    main()

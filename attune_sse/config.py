@@ -1,0 +1,239 @@
+"""Load, override and validate the YAML configuration.
+
+Every setting is declared once below, with its default and its parser. A file
+gives values in the shape of DESIGN.md; the environment overrides any key with
+``ATTUNE__<SECTION>__<KEY>`` (for example ``ATTUNE__DATABASE__URL``), the value
+read as a YAML scalar so ``true``, ``8080`` and ``[a, b]`` keep their types.
+``ATTUNE_CONFIG`` names the file when no path is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "ATTUNE__"
+CONFIG_ENV = "ATTUNE_CONFIG"
+_REQUIRED = object()
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _number(low: float, high: float | None = None, *, integer: bool = False) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"must be {'a whole number' if integer else 'a number'}")
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value.lower()
+
+    return parse
+
+
+def _string_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return value
+
+
+def _database_url(value: Any) -> str:
+    value = _string(value)
+    if value == "embedded":
+        return value
+    parsed = urlparse(value)
+    if parsed.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be 'embedded' or a postgresql:// URL")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("environment", "production", _choice("production", "development", "test"),
+            "production, development or test"),
+    Setting("database.url", _REQUIRED, _database_url,
+            "'embedded' or postgresql://user:password@host:port/dbname"),
+    Setting("database.data_dir", ".attune/pgdata", _string,
+            "folder of the embedded PostgreSQL's data (database.url: embedded)"),
+    Setting("database.pool_size", 10, _number(1, 1000, integer=True),
+            "connections each worker keeps for REST requests"),
+    Setting("database.auto_migrate", True, _boolean,
+            "apply sql/ migrations when the server starts"),
+    Setting("server.host", "127.0.0.1", _string, "address to bind"),
+    Setting("server.port", 8080, _number(0, 65535, integer=True), "port to bind (0: any free port)"),
+    Setting("server.workers", 2, _number(1, 64, integer=True), "gunicorn gevent worker processes"),
+    Setting("server.worker_connections", 2000, _number(10, 100000, integer=True),
+            "open connections (streams included) each worker holds"),
+    Setting("server.cors_origins", [], _string_list, "origins allowed to call the API from a browser"),
+    Setting("server.sse_keepalive_seconds", 15, _number(0.05, 3600),
+            "seconds without events before a ': keep-alive' comment"),
+    Setting("server.sse_queue_size", 1000, _number(1, 1_000_000, integer=True),
+            "events a slow client may have pending before it is disconnected"),
+    Setting("server.sse_retry_ms", 3000, _number(0, 600_000, integer=True),
+            "reconnect delay the stream suggests to EventSource"),
+    Setting("server.graceful_timeout", 5, _number(0, 600),
+            "seconds a stopping worker waits for requests to finish"),
+    Setting("security.jwt_secret", _REQUIRED, _string, "HS256 signing secret of the tokens"),
+    Setting("security.jwt_access_expiration", 3600, _number(1, integer=True),
+            "lifetime of an access token, in seconds"),
+    Setting("security.jwt_refresh_expiration", 86400, _number(1, integer=True),
+            "lifetime of a refresh token, in seconds"),
+    Setting("security.allow_registration", False, _boolean, "whether POST /auth/register is open"),
+    Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error", "critical"),
+            "debug, info, warn, error or critical"),
+    Setting("listener.ping_interval", 3.0, _number(0.1, 60),
+            "seconds of silence after which the listener pings PostgreSQL"),
+    Setting("listener.ping_timeout", 5.0, _number(0.1, 60),
+            "seconds a ping may take before the connection is taken for dead"),
+    Setting("listener.reconnect_max_delay", 5.0, _number(0.1, 300),
+            "upper bound of the listener's reconnect backoff, in seconds"),
+)
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+class Config(Mapping[str, Any]):
+    """Validated settings, read by dotted key: ``config["database.url"]``."""
+
+    def __init__(self, values: dict[str, Any], source: str = "<dict>") -> None:
+        self._values = values
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some keys changed; keys use ``__`` for dots (``database__url``)."""
+        values = dict(self._values)
+        for name, value in changes.items():
+            key = name.replace("__", ".")
+            if key not in _BY_KEY:
+                raise ConfigError(key, "unknown setting")
+            values[key] = _parse(_BY_KEY[key], value)
+        return Config(values, self.source)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return overrides
+
+
+def _parse(setting: Setting, value: Any) -> Any:
+    try:
+        return setting.parse(value)
+    except ValueError as exc:
+        raise ConfigError(setting.key, f"{exc} (expected: {setting.help})") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the YAML file, apply environment overrides and validate every setting."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV)
+    tree: Any = {}
+    source = "<defaults>"
+    if path:
+        file = Path(path)
+        source = str(file)
+        try:
+            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {file} does not exist; pass -c with a YAML file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"{file} is not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(tree, Mapping):
+            raise ConfigError("config", f"{file} must hold a mapping of sections")
+    given = _flatten(tree)
+    given.update(_env_overrides(environ))
+    given.update(overrides or {})
+
+    for key in sorted(set(given) - set(_BY_KEY)):
+        log.warning("config: ignoring unknown setting %s (from %s)", key, source)
+
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key in given:
+            values[setting.key] = _parse(setting, given[setting.key])
+        elif setting.default is _REQUIRED:
+            env_name = ENV_PREFIX + setting.key.upper().replace(".", "__")
+            raise ConfigError(
+                setting.key,
+                f"missing; set it in the config file or with {env_name} (expected: {setting.help})",
+            )
+        else:
+            values[setting.key] = setting.default
+    return Config(values, source)
+
+
+def log_level(config: Config) -> int:
+    """The logging level the config names."""
+    name = config["log.level"].upper()
+    return logging.WARNING if name == "WARN" else getattr(logging, name)

@@ -1,0 +1,131 @@
+"""Database access: connection settings, a small pool, and the embedded server.
+
+Under gunicorn's gevent worker, psycopg2 is made cooperative by psycogreen
+(``make_psycopg2_green``), so every wait here yields to other greenlets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from .config import Config
+from .errors import NotReady
+
+log = logging.getLogger(__name__)
+
+# libpq options that let a connection notice a peer that vanished without
+# closing the socket: keepalives probe an idle socket, and tcp_user_timeout
+# fails a send that the peer never acknowledges.
+LIVENESS_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 8000,
+}
+
+
+def make_psycopg2_green() -> None:
+    """Make psycopg2 wait through gevent, so a query never blocks a worker's hub."""
+    if psycopg2.extensions.get_wait_callback() is None:
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+
+
+def connect(url: str, *, application_name: str = "attune-sse", autocommit: bool = False) -> Any:
+    """Open one connection with the liveness options and UTC timestamps."""
+    conn = psycopg2.connect(url, application_name=application_name, **LIVENESS_OPTIONS)
+    conn.autocommit = autocommit
+    with conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+def resolve_url(config: Config) -> str:
+    """The real URL of the database; for ``embedded``, start the embedded server first."""
+    return start_database(config)[0]
+
+
+def start_database(config: Config) -> tuple[str, Any]:
+    """(url, embedded server or None); the server is started here when the config says embedded."""
+    url = config["database.url"]
+    if url != "embedded":
+        return url, None
+    from .embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(config["database.data_dir"])
+    server.start()
+    server.create_database("attune")
+    return server.url("attune"), server
+
+
+@contextmanager
+def database(config: Config) -> Iterator[str]:
+    """The database URL for a one-off command; an embedded server started here is stopped after."""
+    from .embedded import EmbeddedPostgres
+
+    was_running = False
+    if config["database.url"] == "embedded":
+        was_running = EmbeddedPostgres(config["database.data_dir"]).is_running()
+    url, server = start_database(config)
+    try:
+        yield url
+    finally:
+        if server is not None and not was_running:
+            server.stop()
+
+
+class Pool:
+    """A bounded set of connections, each lent to one request at a time."""
+
+    def __init__(self, url: str, size: int, *, acquire_timeout: float = 10.0) -> None:
+        self.url = url
+        self.size = size
+        self.acquire_timeout = acquire_timeout
+        self._idle: list[Any] = []
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextmanager
+    def cursor(self) -> Iterator[Any]:
+        """A dict cursor inside one transaction: committed on success, rolled back on error."""
+        if not self._slots.acquire(timeout=self.acquire_timeout):
+            raise NotReady("All database connections are busy; retry shortly.", code="DATABASE_BUSY")
+        conn = None
+        try:
+            try:
+                conn = self._idle.pop() if self._idle else connect(self.url)
+            except psycopg2.OperationalError as exc:
+                log.error("database unreachable: %s", str(exc).strip())
+                raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
+            try:
+                with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                    yield cur
+                conn.commit()
+            except psycopg2.OperationalError as exc:
+                log.error("database connection lost during a request: %s", str(exc).strip())
+                conn.close()
+                raise NotReady("The database connection was lost; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
+            except BaseException:
+                if not conn.closed:
+                    conn.rollback()
+                raise
+        finally:
+            if conn is not None and not conn.closed:
+                self._idle.append(conn)
+            self._slots.release()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()

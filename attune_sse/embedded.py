@@ -1,0 +1,205 @@
+"""A private PostgreSQL server for ``database.url: embedded`` and for the tests.
+
+The server binaries come from the pip package ``pgserver``; this module only
+runs them (initdb, pg_ctl) so that it owns the life cycle: start, stop and
+restart on a fixed TCP port of 127.0.0.1, which the fault tests need.
+PostgreSQL refuses to run as root, so under root the server runs as the
+system user ``attune-pg`` (created on first use).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import EmbeddedDatabaseError
+
+log = logging.getLogger(__name__)
+
+SYSTEM_USER = "attune-pg"
+
+
+def _bin_dir() -> Path:
+    # find_spec, not import: pgserver's own import does work we do not need.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedDatabaseError(
+            "database.url is 'embedded' but the package pgserver is not installed; "
+            "run: pip install pgserver"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (path / "postgres").exists():
+        raise EmbeddedDatabaseError(f"pgserver has no PostgreSQL binaries under {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster in ``data_dir``, reachable on 127.0.0.1:``port``."""
+
+    def __init__(self, data_dir: str | os.PathLike[str], *, settings: dict[str, str] | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": "''",
+            "max_connections": "300",
+            **(settings or {}),
+        }
+        self.port: int | None = None
+        self._bin = _bin_dir()
+        self._user = SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def url(self, dbname: str = "postgres") -> str:
+        if self.port is None:
+            raise EmbeddedDatabaseError("the embedded server has not been started")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> EmbeddedPostgres:
+        """Initialise the cluster if new, then start it (or find it running)."""
+        self._prepare_dirs()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        running = self._running_port()
+        if running is not None:
+            self.port = running
+            log.info("embedded PostgreSQL already running in %s on port %d", self.data_dir, running)
+            return self
+        self.port = self._choose_port()
+        started = time.monotonic()
+        self._pg_ctl("start", "-w", "-t", "30", "-l", str(self.log_file), "-o", f"-p {self.port}")
+        log.info(
+            "embedded PostgreSQL started in %s on 127.0.0.1:%d (%.1fs)",
+            self.data_dir, self.port, time.monotonic() - started,
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``mode`` is pg_ctl's (smart, fast, immediate)."""
+        if self._running_port() is None:
+            return
+        self._pg_ctl("stop", "-w", "-t", "30", "-m", mode)
+        log.info("embedded PostgreSQL in %s stopped", self.data_dir)
+
+    def is_running(self) -> bool:
+        return self._running_port() is not None
+
+    def create_database(self, name: str) -> None:
+        """Create database ``name`` unless it exists."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.url(), connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+
+    # -- internals ---------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._user is None:
+            return
+        entry = self._system_user()
+        if self.data_dir.stat().st_uid != entry.pw_uid:
+            shutil.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        self.data_dir.chmod(0o700)
+        # The server's user must be able to walk down to its data folder.
+        for parent in self.data_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+
+    def _system_user(self) -> pwd.struct_passwd:
+        try:
+            return pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                check=True, capture_output=True, text=True,
+            )
+            return pwd.getpwnam(SYSTEM_USER)
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                list(args), check=True, capture_output=True, text=True, user=self._user, timeout=60,
+            )
+        except subprocess.CalledProcessError as exc:
+            tail = ""
+            if self.log_file.exists():
+                tail = " | server log: " + " / ".join(self.log_file.read_text().splitlines()[-5:])
+            raise EmbeddedDatabaseError(
+                f"{Path(args[0]).name} failed ({exc.returncode}): {exc.stderr.strip() or exc.stdout.strip()}{tail}"
+            ) from None
+
+    def _initdb(self) -> None:
+        log.info("initialising embedded PostgreSQL cluster in %s", self.data_dir)
+        self._run(
+            str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+            "--auth=trust", "--encoding=UTF8", "--no-locale",
+        )
+        with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write("\n# attune-sse embedded server\n")
+            for name, value in self.settings.items():
+                conf.write(f"{name} = {value}\n")
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.data_dir), *args)
+
+    def _running_port(self) -> int | None:
+        """The port of a live postmaster of this data folder, if there is one."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            lines = pid_file.read_text().splitlines()
+        except (FileNotFoundError, PermissionError):
+            return None
+        try:
+            pid, port = int(lines[0]), int(lines[3])
+            os.kill(pid, 0)
+        except (IndexError, ValueError, ProcessLookupError):
+            return None
+        return port
+
+    def _choose_port(self) -> int:
+        record = self.data_dir.parent / f".{self.data_dir.name}.port"
+        if self.port is not None and _port_is_free(self.port):
+            port = self.port
+        elif record.exists() and record.read_text().strip().isdigit() and _port_is_free(int(record.read_text())):
+            port = int(record.read_text())
+        else:
+            port = free_port()
+        record.write_text(str(port))
+        return port

@@ -1,0 +1,56 @@
+"""The execution event: a notification parsed once and framed once.
+
+Whatever the path an event took (a NOTIFY payload, or a row read back from
+``attune.execution_event``), it becomes one immutable ``ExecutionEvent`` whose
+SSE frame is encoded here, before fan-out, so every client gets the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .sse import Message
+
+
+class PayloadError(ValueError):
+    """A notification payload that is not an execution event."""
+
+
+@dataclass(frozen=True)
+class ExecutionEvent:
+    """One change of one execution, ready to send."""
+
+    event_id: int
+    entity_id: int
+    payload: str
+    frame: bytes = field(repr=False)
+
+    @classmethod
+    def from_payload(cls, payload: str) -> ExecutionEvent:
+        """Build the event from the JSON text the trigger wrote."""
+        doc = parse_notification(payload)
+        if doc.get("truncated"):
+            raise PayloadError("a truncated notification carries no data; read the event by its id")
+        return cls.from_parts(doc["event_id"], doc["entity_id"], payload)
+
+    @classmethod
+    def from_parts(cls, event_id: int, entity_id: int, payload: str) -> ExecutionEvent:
+        # The payload is one line already: JSON escapes every line break in strings.
+        frame = Message(data=payload, id=event_id).encode()
+        return cls(event_id=event_id, entity_id=entity_id, payload=payload, frame=frame)
+
+
+def parse_notification(payload: str) -> dict[str, Any]:
+    """Parse and check the fields every notification carries."""
+    try:
+        doc = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise PayloadError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("entity_type") != "execution":
+        raise PayloadError("not an execution notification")
+    for key in ("entity_id", "event_id"):
+        if not isinstance(doc.get(key), int) or isinstance(doc.get(key), bool):
+            raise PayloadError(f"{key} missing or not an integer")
+    return doc

@@ -1,0 +1,164 @@
+"""Fan-out of execution events to the SSE clients of one worker process.
+
+Each subscriber owns a gevent queue. ``publish`` never waits: a subscriber whose
+queue already holds ``max_pending`` events is closed with reason ``overflow``
+(its client reconnects), so one slow reader costs the others nothing.
+No Flask and no psycopg2 here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from gevent.queue import Empty, Queue
+
+from .event import ExecutionEvent
+
+log = logging.getLogger(__name__)
+
+# Put in a queue to tell its reader the subscription has ended.
+CLOSED = object()
+
+
+@dataclass
+class HubStats:
+    published: int = 0
+    delivered: int = 0
+    overflows: int = 0
+    subscribed_total: int = 0
+
+
+class Subscription:
+    """One client's place in the hub: its queue and its filter."""
+
+    __slots__ = ("_queue", "execution_id", "reason")
+
+    def __init__(self, execution_id: int | None) -> None:
+        self.execution_id = execution_id
+        self.reason: str | None = None  # why it was closed, once it is
+        # Unbounded on purpose: the hub enforces the bound, so CLOSED always fits.
+        self._queue: Queue = Queue()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def next_batch(self, timeout: float) -> list[ExecutionEvent] | None:
+        """Wait up to ``timeout`` s; return the events pending ([] if none came), or None once closed."""
+        try:
+            first = self._queue.get(timeout=timeout)
+        except Empty:
+            return []
+        batch: list[ExecutionEvent] = []
+        item = first
+        while True:
+            if item is CLOSED:
+                # Deliver what came before the close, then end on the next call.
+                if batch:
+                    self._queue.put(CLOSED)
+                    return batch
+                return None
+            batch.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                return batch
+
+    def _offer(self, event: ExecutionEvent) -> None:
+        self._queue.put_nowait(event)
+
+    def _close(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._queue.put_nowait(CLOSED)
+
+
+class Hub:
+    """Subscribers of one process, indexed by their execution filter."""
+
+    def __init__(self, max_pending: int = 1000) -> None:
+        self.max_pending = max_pending
+        self.stats = HubStats()
+        self._all: set[Subscription] = set()
+        self._by_execution: dict[int, set[Subscription]] = {}
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._all) + sum(len(s) for s in self._by_execution.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def subscribe(self, execution_id: int | None = None) -> Subscription:
+        """Register a subscriber; events published from now on reach it."""
+        sub = Subscription(execution_id)
+        if self._closed:
+            sub._close("shutdown")
+            return sub
+        if execution_id is None:
+            self._all.add(sub)
+        else:
+            self._by_execution.setdefault(execution_id, set()).add(sub)
+        self.stats.subscribed_total += 1
+        return sub
+
+    def unsubscribe(self, sub: Subscription, reason: str = "client left") -> None:
+        """Remove a subscriber; safe to call more than once."""
+        if sub.execution_id is None:
+            self._all.discard(sub)
+        else:
+            group = self._by_execution.get(sub.execution_id)
+            if group is not None:
+                group.discard(sub)
+                if not group:
+                    del self._by_execution[sub.execution_id]
+        sub._close(reason)
+
+    @contextmanager
+    def subscription(self, execution_id: int | None = None) -> Iterator[Subscription]:
+        """``subscribe`` for the length of a ``with`` block, removed however it ends."""
+        sub = self.subscribe(execution_id)
+        try:
+            yield sub
+        finally:
+            self.unsubscribe(sub)
+
+    def publish(self, event: ExecutionEvent) -> int:
+        """Offer the event to every matching subscriber without waiting; return how many got it."""
+        self.stats.published += 1
+        delivered = self._offer_all(self._all, event)
+        group = self._by_execution.get(event.entity_id)
+        if group:
+            delivered += self._offer_all(group, event)
+        self.stats.delivered += delivered
+        return delivered
+
+    def _offer_all(self, subs: set[Subscription], event: ExecutionEvent) -> int:
+        delivered = 0
+        overflowed = []
+        for sub in subs:
+            if sub.pending >= self.max_pending:
+                overflowed.append(sub)
+            else:
+                sub._offer(event)
+                delivered += 1
+        for sub in overflowed:
+            self.stats.overflows += 1
+            log.warning(
+                "disconnecting a slow SSE client: %d events pending (server.sse_queue_size); "
+                "it can reconnect", sub.pending,
+            )
+            self.unsubscribe(sub, "overflow")
+        return delivered
+
+    def close(self, reason: str = "shutdown") -> int:
+        """End every subscription (worker shutdown); return how many were open."""
+        self._closed = True
+        subs = list(self._all) + [s for group in self._by_execution.values() for s in group]
+        for sub in subs:
+            self.unsubscribe(sub, reason)
+        return len(subs)

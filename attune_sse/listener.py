@@ -1,0 +1,211 @@
+"""The LISTEN greenlet: PostgreSQL notifications in, hub publications out.
+
+One per worker process. It owns its connection (autocommit, never shared),
+waits with ``select()`` made cooperative by gevent, drains ``conn.notifies``,
+and turns each payload into an ``ExecutionEvent`` for the hub.
+
+Faults: a lost connection is retried with capped exponential backoff and
+jitter, each attempt logged. A server that vanished without closing the socket
+is caught by TCP keepalives / ``tcp_user_timeout`` and by a ping sent after
+``ping_interval`` seconds of silence that must answer within ``ping_timeout``.
+After a reconnect the listener reads the events it missed from
+``attune.execution_event`` before going live again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.select
+import psycopg2
+
+from .db import connect
+from .event import ExecutionEvent, PayloadError, parse_notification
+from .hub import Hub
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "attune_notifications"
+APPLICATION_NAME = "attune-sse-listener"
+
+
+class PingTimeout(Exception):
+    """PostgreSQL did not answer a ping in time: the connection is taken for dead."""
+
+
+class Listener:
+    """Keeps one LISTEN connection alive and publishes what it hears."""
+
+    def __init__(
+        self,
+        url: str,
+        hub: Hub,
+        *,
+        ping_interval: float = 3.0,
+        ping_timeout: float = 5.0,
+        reconnect_max_delay: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.hub = hub
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.reconnect_max_delay = reconnect_max_delay
+        self.reconnects = 0
+        self.received = 0
+        self.caught_up = 0
+        self.last_event_id: int | None = None
+        self.backend_pid: int | None = None
+        self._connected = gevent.event.Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> Listener:
+        if self._greenlet is None or self._greenlet.dead:
+            self._greenlet = gevent.spawn(self._run)
+            self._greenlet.name = "attune-sse-listener"
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill(timeout=timeout)
+            self._greenlet = None
+        self._connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- the loop ----------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        while True:
+            conn = None
+            try:
+                conn = connect(self.url, application_name=APPLICATION_NAME, autocommit=True)
+                self._listen(conn)
+                if attempt:
+                    self.reconnects += 1
+                    log.warning("listener: reconnected to PostgreSQL after %d attempt(s)", attempt)
+                else:
+                    log.info("listener: LISTEN %s on backend %s", CHANNEL, self.backend_pid)
+                attempt = 0
+                self._catch_up(conn)
+                self._connected.set()
+                self._serve(conn)
+            except (psycopg2.Error, OSError, PingTimeout) as exc:
+                self._connected.clear()
+                attempt += 1
+                delay = min(self.reconnect_max_delay, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "listener: connection lost or refused (%s); events are not being received; "
+                    "reconnect attempt %d in %.2fs",
+                    _one_line(exc), attempt, delay,
+                )
+                gevent.sleep(delay)
+            finally:
+                self._connected.clear()
+                if conn is not None and not conn.closed:
+                    conn.close()
+
+    def _listen(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {CHANNEL}")
+            cur.execute("SELECT pg_backend_pid()")
+            self.backend_pid = cur.fetchone()[0]
+
+    def _serve(self, conn: Any) -> None:
+        """Wait for notifications until the connection fails (raises) or the greenlet is killed."""
+        quiet_since = time.monotonic()
+        while True:
+            ready, _, _ = gevent.select.select([conn], [], [], self.ping_interval)
+            if ready:
+                conn.poll()
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= self.ping_interval:
+                self._ping(conn)
+                quiet_since = time.monotonic()
+            self._drain(conn)
+
+    def _ping(self, conn: Any) -> None:
+        timeout = gevent.Timeout(self.ping_timeout, PingTimeout(f"no answer to a ping within {self.ping_timeout}s"))
+        with timeout, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def _drain(self, conn: Any) -> None:
+        while conn.notifies:
+            notify = conn.notifies.pop(0)
+            if notify.channel != CHANNEL:
+                continue
+            event = self._to_event(conn, notify.payload)
+            if event is not None:
+                self._publish(event)
+
+    def _to_event(self, conn: Any, payload: str) -> ExecutionEvent | None:
+        try:
+            doc = parse_notification(payload)
+            if doc.get("truncated"):
+                return self._read_event(conn, doc["event_id"])
+            return ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], payload)
+        except PayloadError as exc:
+            log.error("listener: ignoring a malformed notification (%s): %.200s", exc, payload)
+            return None
+
+    def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
+        """The whole event from the table, for payloads too large for NOTIFY."""
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT execution, payload::text FROM attune.execution_event WHERE id = %s", (event_id,)
+            )
+            row = cur.fetchone()
+        if row is None:
+            log.error("listener: event %d was announced but is not in attune.execution_event", event_id)
+            return None
+        return ExecutionEvent.from_parts(event_id, row[0], row[1])
+
+    def _catch_up(self, conn: Any) -> None:
+        """After a reconnect, publish what was recorded while the listener was away."""
+        if self.last_event_id is None:
+            return
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT id, execution, payload::text FROM attune.execution_event WHERE id > %s ORDER BY id",
+                (self.last_event_id,),
+            )
+            rows = cur.fetchall()
+        # Notifications of these same events may already wait in conn.notifies.
+        published = {event_id for event_id, _, _ in rows}
+        for event_id, execution, payload in rows:
+            self._publish(ExecutionEvent.from_parts(event_id, execution, payload))
+        if rows:
+            self.caught_up += len(rows)
+            log.warning("listener: caught up %d event(s) missed while disconnected", len(rows))
+        conn.poll()
+        conn.notifies[:] = [
+            n for n in conn.notifies if _event_id_of(n.payload) not in published
+        ]
+
+    def _publish(self, event: ExecutionEvent) -> None:
+        self.received += 1
+        if self.last_event_id is None or event.event_id > self.last_event_id:
+            self.last_event_id = event.event_id
+        self.hub.publish(event)
+
+
+def _event_id_of(payload: str) -> int | None:
+    try:
+        return parse_notification(payload)["event_id"]
+    except PayloadError:
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"

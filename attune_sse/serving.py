@@ -1,0 +1,95 @@
+"""gunicorn hooks: what the master and each worker do around the app.
+
+Kept out of ``gunicorn.conf.py`` so the hooks are plain, importable code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from .config import ENV_PREFIX, Config, load_config
+from .db import make_psycopg2_green, start_database
+from .migrate import apply_migrations
+
+log = logging.getLogger(__name__)
+
+_URL_ENV = ENV_PREFIX + "DATABASE__URL"
+_embedded: dict[str, Any] = {}
+
+
+def load_server_config() -> Config:
+    return load_config()
+
+
+def logging_config(config: Config) -> dict[str, Any]:
+    """gunicorn's ``logconfig_dict``: our loggers beside gunicorn's, on stderr, with the pid."""
+    level = "WARNING" if config["log.level"] == "warn" else config["log.level"].upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+            "access": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stdout"},
+        },
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+        "loggers": {
+            "attune_sse": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
+        },
+    }
+
+
+def on_starting(server: Any) -> None:
+    """Master, before any worker: start the embedded database and migrate."""
+    config = load_config()
+    url, embedded = start_database(config)
+    if embedded is not None:
+        _embedded["server"] = embedded
+        # Workers read the resolved URL, not 'embedded', through the environment.
+        os.environ[_URL_ENV] = url
+        log.info("using the embedded PostgreSQL at %s (data in %s)", url, embedded.data_dir)
+    if config["database.auto_migrate"]:
+        apply_migrations(url)
+
+
+def when_ready(server: Any) -> None:
+    # Printed whatever the log level: it is the line a person starting the service looks for.
+    for address in server.cfg.bind:
+        print(
+            f"attune-sse is listening on http://{address}/ "
+            f"(stream: http://{address}/api/v1/executions/stream?token=...)",
+            file=sys.stderr, flush=True,
+        )
+
+
+def on_exit(server: Any) -> None:
+    embedded = _embedded.pop("server", None)
+    if embedded is not None:
+        embedded.stop()
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, right after fork: psycopg2 must wait through gevent, never block the hub."""
+    make_psycopg2_green()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Worker, app loaded: end every stream as soon as the worker is told to stop."""
+    import gevent
+
+    app_state = worker.wsgi.extensions["attune_sse"]
+
+    def end_streams_on_shutdown() -> None:
+        while worker.alive:
+            gevent.sleep(0.1)
+        ended = app_state.shutdown()
+        log.info("worker %s stopping: ended %d stream(s)", worker.pid, ended)
+
+    gevent.spawn(end_streams_on_shutdown)

@@ -1,0 +1,121 @@
+"""What every view shares: the app's state, JSON input checks, JSON errors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .config import Config
+from .db import Pool
+from .errors import ApiError, BadRequest
+from .hub import Hub
+from .listener import Listener
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "attune_sse"
+
+
+@dataclass
+class AppState:
+    """Everything one app (one worker) owns; lives in ``app.extensions["attune_sse"]``."""
+
+    config: Config
+    pool: Pool
+    hub: Hub
+    listener: Listener
+
+    def shutdown(self, reason: str = "shutdown") -> int:
+        """End every stream and stop listening; return how many streams were open."""
+        open_streams = self.hub.close(reason)
+        self.listener.stop()
+        self.pool.close()
+        return open_streams
+
+
+def state() -> AppState:
+    return current_app.extensions[EXTENSION]
+
+
+# -- input -------------------------------------------------------------------
+
+def invalid(field: str, message: str) -> BadRequest:
+    return BadRequest(f"'{field}' {message}.", code="VALIDATION_ERROR")
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or a 400 that says what is wrong with it."""
+    if not request.is_json:
+        raise BadRequest("Send a JSON object with 'Content-Type: application/json'.", code="INVALID_JSON")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.", code="INVALID_JSON")
+    return body
+
+
+def required_string(body: dict[str, Any], field: str, *, max_length: int = 1000) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(field, "is required and must be a non-empty string")
+    if len(value) > max_length:
+        raise invalid(field, f"must be at most {max_length} characters")
+    return value
+
+
+def optional_string(body: dict[str, Any], field: str, *, max_length: int = 1000) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(field, "must be a string")
+    if len(value) > max_length:
+        raise invalid(field, f"must be at most {max_length} characters")
+    return value
+
+
+def positive_int_arg(name: str, default: int | None = None, *, maximum: int | None = None) -> int | None:
+    """A query-string integer >= 1, or 400."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < 1 or int(raw) > 2**63 - 1:
+        raise BadRequest(f"Query parameter '{name}' must be a positive integer, got {raw!r}.",
+                         code="VALIDATION_ERROR")
+    value = int(raw)
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"Query parameter '{name}' must be at most {maximum}.", code="VALIDATION_ERROR")
+    return value
+
+
+# -- errors --------------------------------------------------------------------
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error leaves as ``{"error", "code"}`` JSON; never HTML, never a traceback."""
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Any:
+        return jsonify(exc.to_dict()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        code = (exc.name or "error").upper().replace(" ", "_").replace("'", "")
+        message = exc.description or exc.name
+        if exc.code == 404:
+            message = f"No such endpoint: {request.method} {request.path}."
+        elif exc.code == 405:
+            message = f"Method {request.method} is not allowed on {request.path}."
+        response = jsonify({"error": message, "code": code})
+        response.status_code = exc.code or 500
+        if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify({"error": "Internal server error; the server log has the details.",
+                        "code": "INTERNAL_ERROR"}), 500

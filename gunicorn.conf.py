@@ -1,0 +1,53 @@
+"""gunicorn settings for attune-sse: ``gunicorn -c gunicorn.conf.py``.
+
+The attune-sse config file comes from ATTUNE_CONFIG (``attune-sse serve -c``
+sets it); ATTUNE__SECTION__KEY variables override its keys.
+
+Worker life cycle: the master starts the embedded PostgreSQL if asked and
+applies migrations; each worker is forked, patched for gevent (monkey patching
+by the gevent worker, psycopg2 by ``post_fork``), then builds the app, which
+starts its own LISTEN greenlet (``preload_app = False``). When a worker is told
+to stop, its streams end at once, so a restart waits for nothing.
+"""
+
+import os
+import sys
+
+from attune_sse import serving
+from attune_sse.errors import AttuneError
+
+try:
+    _config = serving.load_server_config()
+except AttuneError as exc:
+    print(f"attune-sse: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+wsgi_app = "attune_sse.app:create_app()"
+bind = [f"{_config['server.host']}:{_config['server.port']}"]
+workers = _config["server.workers"]
+worker_class = "gevent"
+worker_connections = _config["server.worker_connections"]
+# The app, and with it the LISTEN connection, is made in each worker after fork.
+preload_app = False
+# For gevent workers this is the heartbeat: a worker whose hub is blocked this
+# long (say, by an unpatched blocking call) is killed and replaced.
+timeout = 30
+graceful_timeout = _config["server.graceful_timeout"]
+keepalive = 5
+proc_name = "attune-sse"
+loglevel = "warning" if _config["log.level"] == "warn" else _config["log.level"]
+errorlog = "-"
+accesslog = os.environ.get("ATTUNE_ACCESS_LOG", "-")
+# %(U)s is the path without the query string: the stream's ?token= never reaches a log.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+logconfig_dict = serving.logging_config(_config)
+
+on_starting = serving.on_starting
+when_ready = serving.when_ready
+on_exit = serving.on_exit
+post_fork = serving.post_fork
+post_worker_init = serving.post_worker_init
+
+# gunicorn's control socket lives at one fixed path per user: several instances
+# on one machine (tests, side-by-side deployments) would fight over it.
+control_socket_disable = True
