@@ -153,9 +153,12 @@ class EmbeddedPostgres:
             return pwd.getpwnam(SYSTEM_USER)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        # Under root, drop the root group too: a folder's group bits would otherwise
+        # apply to the server instead of the "other" bits that _prepare_dirs opens.
+        as_user = {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
         try:
             return subprocess.run(
-                list(args), check=True, capture_output=True, text=True, user=self._user, timeout=60,
+                list(args), check=True, capture_output=True, text=True, timeout=60, **as_user,
             )
         except subprocess.CalledProcessError as exc:
             tail = ""

@@ -1,0 +1,287 @@
+"""Fixtures: a real PostgreSQL, a real gunicorn with gevent workers, and clients.
+
+The database is an embedded cluster the session starts (and may stop and
+restart), or the server named by ATTUNE_TEST_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import psycopg2
+import pytest
+import requests
+
+from attune_sse.embedded import EmbeddedPostgres, free_port
+from attune_sse.listener import APPLICATION_NAME
+from attune_sse.migrate import apply_migrations
+from helpers import Api, Stream, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+JWT_SECRET = "test-secret-for-testing-only-not-secure"
+WORKERS = 2
+
+
+class Database:
+    """The test database: its URL, and the embedded server when there is one."""
+
+    def __init__(self, url: str, embedded: EmbeddedPostgres | None) -> None:
+        self.url = url
+        self.embedded = embedded
+
+    def connect(self) -> Any:
+        conn = psycopg2.connect(self.url, application_name="attune-sse-tests")
+        conn.autocommit = True
+        return conn
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def listener_pids(self) -> set[int]:
+        rows = self.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+            (APPLICATION_NAME,),
+        )
+        return {pid for (pid,) in rows}
+
+
+def _reset_schema(url: str) -> None:
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA IF EXISTS attune CASCADE")
+        cur.execute("DROP TABLE IF EXISTS public.attune_migration")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    external = os.environ.get("ATTUNE_TEST_DATABASE_URL")
+    if external:
+        _reset_schema(external)
+        apply_migrations(external)
+        yield Database(external, None)
+        return
+    # fsync off: a test cluster need not survive a power cut, and it is much faster.
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", settings={"fsync": "off"})
+    server.start()
+    server.create_database("attune_test")
+    url = server.url("attune_test")
+    apply_migrations(url)
+    try:
+        yield Database(url, server)
+    finally:
+        server.stop("immediate")
+
+
+@pytest.fixture
+def db(database: Database) -> Iterator[Any]:
+    """An autocommit connection for the test's own SQL."""
+    conn = database.connect()
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+class Server:
+    """One gunicorn instance with gevent workers, started for the tests."""
+
+    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path, database: Database) -> None:
+        self.base_url = base_url
+        self.process = process
+        self.log_path = log_path
+        self.database = database
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                ok = requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+            return ok and len(self.database.listener_pids()) >= WORKERS
+
+        wait_until(ready, timeout, "gunicorn workers ready with their listeners connected")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def start_server(database: Database, tmp_dir: Path, **overrides: Any) -> Server:
+    port = free_port()
+    config = {
+        "environment": "test",
+        "database": {"url": database.url, "pool_size": 5},
+        "server": {
+            "host": "127.0.0.1", "port": port, "workers": WORKERS,
+            "sse_keepalive_seconds": 1, "graceful_timeout": 3,
+        },
+        "security": {
+            "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,
+            "jwt_refresh_expiration": 3600, "allow_registration": True,
+        },
+        "log": {"level": "info"},
+        "listener": {"ping_interval": 1.0, "ping_timeout": 2.0, "reconnect_max_delay": 1.0},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config.setdefault(section, {})[name] = value
+    config_path = tmp_dir / f"config-{port}.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    log_path = tmp_dir / f"gunicorn-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE__")}
+    env["ATTUNE_CONFIG"] = str(config_path)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, database)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(database, tmp_path_factory.mktemp("server"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        log = srv.log()
+        # A traceback in the server log is a bug even when every test passed.
+        assert "Traceback" not in log, log[-5000:]
+
+
+@pytest.fixture(scope="session")
+def user(server: Server) -> dict[str, Any]:
+    """A registered identity and its tokens."""
+    login = f"tester-{uuid.uuid4().hex[:8]}"
+    response = requests.post(
+        server.base_url + "/auth/register",
+        json={"login": login, "password": "correct horse battery", "display_name": "Tester"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    return {**response.json()["data"], "password": "correct horse battery", "login": login}
+
+
+@pytest.fixture
+def token(user: dict[str, Any]) -> str:
+    return user["access_token"]
+
+
+@pytest.fixture
+def api(server: Server, token: str) -> Api:
+    return Api(server.base_url, token)
+
+
+def make_token(identity_id: int, *, secret: str = JWT_SECRET, token_type: str = "access",
+               expires_in: int = 300) -> str:
+    """A token minted outside the server, for the auth tests."""
+    now = dt.datetime.now(dt.timezone.utc)
+    claims = {
+        "sub": str(identity_id), "login": "x", "iat": now, "nbf": now,
+        "exp": now + dt.timedelta(seconds=expires_in), "jti": uuid.uuid4().hex,
+        "type": token_type, "token_type": token_type, "fresh": False,
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+@pytest.fixture
+def action(db: Any) -> dict[str, Any]:
+    """The seed's test pack and action."""
+    with db.cursor() as cur:
+        cur.execute(
+            """INSERT INTO attune.pack (ref, label) VALUES ('test_sse_pack', 'Test SSE Pack')
+               ON CONFLICT (ref) DO UPDATE SET label = EXCLUDED.label RETURNING id"""
+        )
+        pack_id = cur.fetchone()[0]
+        cur.execute(
+            """INSERT INTO attune.action (ref, pack, pack_ref, label, entrypoint)
+               VALUES ('test_sse_pack.test_action', %s, 'test_sse_pack', 'Test Action', 'echo')
+               ON CONFLICT (ref) DO UPDATE SET label = EXCLUDED.label RETURNING id""",
+            (pack_id,),
+        )
+        return {"id": cur.fetchone()[0], "ref": "test_sse_pack.test_action", "pack_id": pack_id}
+
+
+@pytest.fixture
+def new_execution(db: Any, action: dict[str, Any]) -> Any:
+    """A factory: insert an execution in SQL, as the executor service would, and return its id."""
+
+    def create(status: str = "requested") -> int:
+        with db.cursor() as cur:
+            cur.execute(
+                """INSERT INTO attune.execution (action, action_ref, config, status)
+                   VALUES (%s, %s, '{}', %s) RETURNING id""",
+                (action["id"], action["ref"], status),
+            )
+            return cur.fetchone()[0]
+
+    return create
+
+
+@pytest.fixture
+def set_status(db: Any) -> Any:
+    def update(execution_id: int, status: str) -> None:
+        with db.cursor() as cur:
+            cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (status, execution_id))
+            assert cur.rowcount == 1
+
+    return update
+
+
+@pytest.fixture
+def open_stream(server: Server, token: str) -> Iterator[Any]:
+    """A factory of SSE clients on the server; all are closed after the test."""
+    streams: list[Stream] = []
+
+    def open_(**params: Any) -> Stream:
+        params.setdefault("token", token)
+        stream = Stream(server.base_url + "/api/v1/executions/stream", params)
+        streams.append(stream)
+        return stream
+
+    yield open_
+    for stream in streams:
+        stream.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    where = os.environ.get("ATTUNE_TEST_DATABASE_URL") or "an embedded PostgreSQL started by the suite"
+    return f"attune-sse tests against {where}; gunicorn with {WORKERS} gevent workers"

@@ -1,0 +1,118 @@
+"""Test helpers: waiting with deadlines, an SSE client in a thread, an API client."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+import sseclient
+
+_END = object()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Stream:
+    """An SSE client (sseclient-py over requests) read by a background thread.
+
+    The constructor returns once the response headers arrived, which the server
+    sends with its first write, after the subscription is in place.
+    """
+
+    def __init__(self, url: str, params: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.response = requests.get(url, params=params, headers=headers, stream=True, timeout=(5, 30))
+        if self.response.status_code != 200:
+            raise AssertionError(f"stream refused: {self.response.status_code} {self.response.text}")
+        self.worker = int(self.response.headers["X-Attune-Worker"])
+        self.received: list[Any] = []
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in sseclient.SSEClient(self.response).events():
+                self._queue.put(event)
+        except Exception as exc:  # the test reads it from .error; a closed stream ends here too
+            self.error = exc
+        finally:
+            self._queue.put(_END)
+
+    def next_event(self, timeout: float = 10.0) -> Any:
+        """The next event, parsed; AssertionError if none comes in time or the stream ended."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no SSE event within {timeout}s") from None
+        if item is _END:
+            self._queue.put(_END)
+            raise AssertionError(f"the stream ended ({self.error!r})")
+        item.json = json.loads(item.data)
+        self.received.append(item)
+        return item
+
+    def events_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> list[Any]:
+        """Events up to and including the first for which ``predicate`` holds."""
+        deadline = time.monotonic() + timeout
+        events = []
+        while True:
+            event = self.next_event(max(0.01, deadline - time.monotonic()))
+            events.append(event)
+            if predicate(event.json):
+                return events
+
+    def ended(self, timeout: float) -> bool:
+        """Whether the server ended the stream within ``timeout`` seconds (events are skipped)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                item = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if item is _END:
+                self._queue.put(_END)
+                return True
+        return False
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class Api:
+    """requests against the REST API with a bearer token."""
+
+    def __init__(self, base_url: str, token: str | None) -> None:
+        self.base_url = base_url
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 10)
+        return self.session.request(method, self.base_url + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("PATCH", path, **kwargs)
