@@ -145,6 +145,7 @@ def start_server(database: Database, tmp_dir: Path, **overrides: Any) -> Server:
         "server": {
             "host": "127.0.0.1", "port": port, "workers": WORKERS,
             "sse_keepalive_seconds": 1, "graceful_timeout": 3,
+            "cors_origins": ["http://localhost:3000"],
         },
         "security": {
             "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,

@@ -1,0 +1,196 @@
+"""Auth and REST endpoints, and the JSON errors of every endpoint."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import requests
+
+from conftest import make_token
+from helpers import Api
+
+
+def _error(response: requests.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "code"}, body
+    assert body["error"] and "Traceback" not in body["error"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body
+
+
+def test_login_refresh_and_me(server: Any, user: dict[str, Any]) -> None:
+    anonymous = Api(server.base_url, None)
+    login = anonymous.post("/auth/login", json={"login": user["login"], "password": user["password"]})
+    assert login.status_code == 200, login.text
+    data = login.json()["data"]
+    assert data["token_type"] == "Bearer"
+    assert data["expires_in"] == 300
+    assert data["user"] == {"id": user["user"]["id"], "login": user["login"], "display_name": "Tester"}
+
+    me = Api(server.base_url, data["access_token"]).get("/auth/me")
+    assert me.json()["data"]["login"] == user["login"]
+
+    refreshed = Api(server.base_url, data["refresh_token"]).post("/auth/refresh")
+    assert refreshed.status_code == 200, refreshed.text
+    new_token = refreshed.json()["data"]["access_token"]
+    assert Api(server.base_url, new_token).get("/auth/me").status_code == 200
+
+    # Each kind of token only where it belongs.
+    _error(Api(server.base_url, data["refresh_token"]).get("/auth/me"), 401, "TOKEN_INVALID")
+    _error(Api(server.base_url, data["access_token"]).post("/auth/refresh"), 401, "TOKEN_INVALID")
+
+
+def test_token_claims(user: dict[str, Any]) -> None:
+    import jwt
+
+    claims = jwt.decode(user["access_token"], options={"verify_signature": False})
+    assert claims["sub"] == str(user["user"]["id"])
+    assert claims["login"] == user["login"]
+    assert claims["token_type"] == "access"
+    assert claims["exp"] - claims["iat"] == 300
+    refresh = jwt.decode(user["refresh_token"], options={"verify_signature": False})
+    assert refresh["token_type"] == "refresh"
+
+
+def test_wrong_password_and_unknown_login(server: Any, user: dict[str, Any]) -> None:
+    anonymous = Api(server.base_url, None)
+    wrong = anonymous.post("/auth/login", json={"login": user["login"], "password": "nope-nope"})
+    unknown = anonymous.post("/auth/login", json={"login": "nobody-" + uuid.uuid4().hex, "password": "x"})
+    assert _error(wrong, 401, "INVALID_CREDENTIALS")["error"] == "Invalid login or password"
+    assert _error(unknown, 401, "INVALID_CREDENTIALS")["error"] == "Invalid login or password"
+
+
+def test_password_is_hashed(database: Any, user: dict[str, Any]) -> None:
+    ((stored,),) = database.query("SELECT password_hash FROM attune.identity WHERE login = %s", (user["login"],))
+    assert user["password"] not in stored
+    assert stored.startswith(("scrypt:", "pbkdf2:"))
+
+
+def test_register_conflict(server: Any, user: dict[str, Any]) -> None:
+    again = Api(server.base_url, None).post(
+        "/auth/register", json={"login": user["login"], "password": "another password", "display_name": "X"}
+    )
+    _error(again, 409, "LOGIN_TAKEN")
+
+
+def test_pack_action_execution_lifecycle(api: Api, open_stream: Any) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    pack = api.post("/api/v1/packs", json={"ref": f"pack_{suffix}", "label": "Pack"})
+    assert pack.status_code == 201, pack.text
+    _error(api.post("/api/v1/packs", json={"ref": f"pack_{suffix}"}), 409, "PACK_EXISTS")
+    assert any(p["ref"] == f"pack_{suffix}" for p in api.get("/api/v1/packs").json()["data"])
+
+    action = api.post("/api/v1/actions", json={"ref": f"pack_{suffix}.run", "entrypoint": "run.sh"})
+    assert action.status_code == 201, action.text
+    assert action.json()["data"]["pack_ref"] == f"pack_{suffix}"
+    _error(api.post("/api/v1/actions", json={"ref": f"pack_{suffix}.run"}), 409, "ACTION_EXISTS")
+    listed = api.get("/api/v1/actions", params={"pack_ref": f"pack_{suffix}"}).json()["data"]
+    assert [a["ref"] for a in listed] == [f"pack_{suffix}.run"]
+
+    stream = open_stream()
+    created = api.post("/api/v1/executions", json={"action_ref": f"pack_{suffix}.run", "config": {"n": 1}})
+    assert created.status_code == 201, created.text
+    execution = created.json()["data"]
+    assert execution["status"] == "requested"
+    assert execution["config"] == {"n": 1}
+
+    for status in ("running", "completed"):
+        changed = api.patch(f"/api/v1/executions/{execution['id']}", json={"status": status, "result": {"s": status}})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["data"]["status"] == status
+
+    got = api.get(f"/api/v1/executions/{execution['id']}").json()["data"]
+    assert got["status"] == "completed" and got["result"] == {"s": "completed"}
+
+    page = api.get("/api/v1/executions", params={"action_ref": f"pack_{suffix}.run", "status": "completed"}).json()
+    assert [e["id"] for e in page["data"]] == [execution["id"]]
+    assert page["meta"] == {"page": 1, "per_page": 50, "total": 1}
+
+    events = stream.events_until(lambda e: e["entity_id"] == execution["id"] and e["data"]["status"] == "completed")
+    mine = [e.json["data"]["status"] for e in events if e.json["entity_id"] == execution["id"]]
+    assert mine == ["requested", "running", "completed"]
+
+
+BAD_REQUESTS = [
+    # (method, path, body or None, status, code)
+    ("POST", "/auth/login", None, 400, "INVALID_JSON"),
+    ("POST", "/auth/login", "[1, 2]", 400, "INVALID_JSON"),
+    ("POST", "/auth/login", "{not json", 400, "INVALID_JSON"),
+    ("POST", "/auth/login", {"login": "x"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/auth/login", {"login": 5, "password": "x"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/auth/register", {"login": "short-pw", "password": "123"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/packs", {"ref": "Bad Ref!"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/packs", {"ref": "ok_ref", "label": 7}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/actions", {"ref": "no-dot"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/actions", {"ref": "missing_pack.act"}, 422, "PACK_NOT_FOUND"),
+    ("POST", "/api/v1/actions", {"ref": "a_pack.act", "pack_ref": "other"}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/executions", {}, 400, "VALIDATION_ERROR"),
+    ("POST", "/api/v1/executions", {"action_ref": "nope.nope"}, 422, "ACTION_NOT_FOUND"),
+    ("POST", "/api/v1/executions", {"action_ref": "test_sse_pack.test_action", "config": [1]}, 400,
+     "VALIDATION_ERROR"),
+    ("POST", "/api/v1/executions", {"action_ref": "test_sse_pack.test_action", "parent": "x"}, 400,
+     "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions?status=bogus", None, 400, "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions?page=0", None, 400, "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions?per_page=100000", None, 400, "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions/999999999", None, 404, "EXECUTION_NOT_FOUND"),
+    ("GET", "/api/v1/executions/99999999999999999999999", None, 404, "EXECUTION_NOT_FOUND"),
+    ("GET", "/api/v1/executions/abc", None, 404, "NOT_FOUND"),
+    ("PATCH", "/api/v1/executions/999999999", {"status": "running"}, 404, "EXECUTION_NOT_FOUND"),
+    ("PATCH", "/api/v1/executions/1", {"status": "exploded"}, 400, "VALIDATION_ERROR"),
+    ("PATCH", "/api/v1/executions/1", {"action_ref": "x.y"}, 400, "VALIDATION_ERROR"),
+    ("PATCH", "/api/v1/executions/1", {}, 400, "VALIDATION_ERROR"),
+    ("DELETE", "/api/v1/packs", None, 405, "METHOD_NOT_ALLOWED"),
+    ("GET", "/no/such/page", None, 404, "NOT_FOUND"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "code"), BAD_REQUESTS,
+                         ids=[f"{m} {p} {s}" for m, p, _, s, _ in BAD_REQUESTS])
+def test_bad_input_gets_json_error(api: Api, action: Any, method: str, path: str, body: Any,
+                                   status: int, code: str) -> None:
+    kwargs: dict[str, Any] = {}
+    if isinstance(body, str):
+        kwargs = {"data": body, "headers": {"Content-Type": "application/json"}}
+    elif body is not None:
+        kwargs = {"json": body}
+    _error(api.request(method, path, **kwargs), status, code)
+
+
+@pytest.mark.parametrize("path", ["/api/v1/packs", "/api/v1/actions", "/api/v1/executions", "/auth/me",
+                                  "/api/v1/executions/1"])
+def test_rest_needs_access_token(server: Any, user: dict[str, Any], path: str) -> None:
+    _error(requests.get(server.base_url + path, timeout=10), 401, "TOKEN_MISSING")
+    expired = make_token(user["user"]["id"], expires_in=-5)
+    _error(Api(server.base_url, expired).get(path), 401, "TOKEN_EXPIRED")
+    # The stream's ?token= is for EventSource only; REST reads the header.
+    _error(requests.get(server.base_url + path, params={"token": user["access_token"]}, timeout=10), 401,
+           "TOKEN_MISSING")
+
+
+def test_body_too_large(api: Api) -> None:
+    response = api.post("/api/v1/packs", data=b"{" + b" " * (17 * 1024 * 1024) + b"}",
+                        headers={"Content-Type": "application/json"})
+    _error(response, 413)
+
+
+def test_health_and_readiness(server: Any) -> None:
+    assert requests.get(server.base_url + "/healthz", timeout=5).json()["data"]["status"] == "ok"
+    ready = requests.get(server.base_url + "/readyz", timeout=5).json()["data"]
+    assert ready["status"] == "ready"
+    assert isinstance(ready["listener_backend_pid"], int)
+
+
+def test_cors_only_for_configured_origins(server: Any, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    stranger = requests.get(server.base_url + "/api/v1/packs", headers={**headers, "Origin": "http://evil.example"},
+                            timeout=5)
+    assert "Access-Control-Allow-Origin" not in stranger.headers
+    friend = requests.get(server.base_url + "/api/v1/packs", headers={**headers, "Origin": "http://localhost:3000"},
+                          timeout=5)
+    assert friend.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"

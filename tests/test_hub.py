@@ -1,0 +1,102 @@
+"""The hub on its own: no server, no database."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from attune_sse.event import ExecutionEvent
+from attune_sse.hub import Hub
+
+
+def event(event_id: int, entity_id: int = 1) -> ExecutionEvent:
+    return ExecutionEvent.from_parts(event_id, entity_id, f'{{"entity_id": {entity_id}, "event_id": {event_id}}}')
+
+
+def test_every_subscriber_gets_every_event_in_order() -> None:
+    hub = Hub()
+    subs = [hub.subscribe() for _ in range(3)]
+    for i in range(1, 6):
+        assert hub.publish(event(i)) == 3
+    for sub in subs:
+        assert [e.event_id for e in sub.next_batch(0.1)] == [1, 2, 3, 4, 5]
+    assert hub.stats.published == 5 and hub.stats.delivered == 15
+
+
+def test_filter_by_execution() -> None:
+    hub = Hub()
+    only_7 = hub.subscribe(execution_id=7)
+    everything = hub.subscribe()
+    hub.publish(event(1, entity_id=8))
+    hub.publish(event(2, entity_id=7))
+    assert [e.event_id for e in only_7.next_batch(0.1)] == [2]
+    assert [e.event_id for e in everything.next_batch(0.1)] == [1, 2]
+
+
+def test_timeout_returns_empty_batch() -> None:
+    hub = Hub()
+    sub = hub.subscribe()
+    assert sub.next_batch(0.01) == []
+
+
+def test_waiting_reader_wakes_on_publish() -> None:
+    hub = Hub()
+    sub = hub.subscribe()
+    reader = gevent.spawn(sub.next_batch, 5)
+    gevent.sleep(0)
+    hub.publish(event(1))
+    assert [e.event_id for e in reader.get(timeout=1)] == [1]
+
+
+def test_slow_subscriber_is_closed_without_blocking_others() -> None:
+    hub = Hub(max_pending=3)
+    slow = hub.subscribe()
+    fast = hub.subscribe()
+    for i in range(1, 4):
+        hub.publish(event(i))
+        assert [e.event_id for e in fast.next_batch(0)] == [i]
+    assert hub.publish(event(4)) == 1, "only the reader that keeps up gets the 4th event"
+    assert slow.reason == "overflow"
+    assert hub.stats.overflows == 1
+    # It still receives what was queued before the close, then the end.
+    assert [e.event_id for e in slow.next_batch(0)] == [1, 2, 3]
+    assert slow.next_batch(0) is None
+    assert len(hub) == 1
+
+
+def test_unsubscribe_is_idempotent_and_leaves_no_trace() -> None:
+    hub = Hub()
+    for _ in range(5000):
+        with hub.subscription(execution_id=3):
+            pass
+        with hub.subscription():
+            pass
+    assert len(hub) == 0
+    assert hub._by_execution == {}
+    sub = hub.subscribe(execution_id=9)
+    hub.unsubscribe(sub)
+    hub.unsubscribe(sub)
+    assert len(hub) == 0
+
+
+def test_close_ends_every_subscription() -> None:
+    hub = Hub()
+    subs = [hub.subscribe(), hub.subscribe(execution_id=1)]
+    hub.publish(event(1))
+    assert hub.close() == 2
+    for sub in subs:
+        assert [e.event_id for e in sub.next_batch(0)] == [1]
+        assert sub.next_batch(0) is None
+        assert sub.reason == "shutdown"
+    late = hub.subscribe()
+    assert late.next_batch(0) is None, "a subscriber after close ends at once"
+    assert len(hub) == 0
+
+
+@pytest.mark.parametrize("count", [1, 100])
+def test_batch_holds_everything_pending(count: int) -> None:
+    hub = Hub()
+    sub = hub.subscribe()
+    for i in range(count):
+        hub.publish(event(i + 1))
+    assert len(sub.next_batch(0)) == count

@@ -1,0 +1,64 @@
+"""SSE framing, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from attune_sse.event import ExecutionEvent, PayloadError, parse_notification
+from attune_sse.sse import KEEPALIVE, Message, comment
+
+
+def test_message_with_id_and_data() -> None:
+    assert str(Message(data='{"a": 1}', id=7)) == 'id: 7\ndata: {"a": 1}\n\n'
+
+
+def test_multiline_data_becomes_several_data_lines() -> None:
+    assert str(Message(data="one\ntwo\r\nthree\rfour")) == "data: one\ndata: two\ndata: three\ndata: four\n\n"
+
+
+def test_event_and_retry_fields() -> None:
+    assert str(Message(data="x", event="reload", retry=2500)) == "event: reload\nretry: 2500\ndata: x\n\n"
+
+
+def test_retry_only_message() -> None:
+    assert Message(retry=3000).encode() == b"retry: 3000\n\n"
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb"])
+def test_line_break_in_id_or_event_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="line break"):
+        str(Message(data="x", id=bad))
+    with pytest.raises(ValueError, match="line break"):
+        str(Message(data="x", event=bad))
+
+
+def test_nul_in_id_is_refused() -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        str(Message(data="x", id="a\0b"))
+
+
+def test_comments() -> None:
+    assert KEEPALIVE == b": keep-alive\n\n"
+    assert comment("two\nlines") == b": two\n: lines\n\n"
+
+
+def test_unicode_is_utf8() -> None:
+    assert Message(data="ünï ✓").encode() == "data: ünï ✓\n\n".encode()
+
+
+def test_execution_event_frame_is_built_once() -> None:
+    payload = '{"entity_type":"execution","entity_id":5,"event_id":42,"data":{"id":5}}'
+    event = ExecutionEvent.from_parts(42, 5, payload)
+    assert event.frame == f"id: 42\ndata: {payload}\n\n".encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ["not json", "[]", '{"entity_type":"pack","entity_id":1,"event_id":1}',
+     '{"entity_type":"execution","entity_id":"1","event_id":1}',
+     '{"entity_type":"execution","entity_id":1}',
+     '{"entity_type":"execution","entity_id":true,"event_id":1}'],
+)
+def test_malformed_notifications_are_refused(payload: str) -> None:
+    with pytest.raises(PayloadError):
+        parse_notification(payload)
