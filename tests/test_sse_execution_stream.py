@@ -12,7 +12,6 @@ import select
 import time
 from typing import Any
 
-import psycopg2
 import pytest
 import requests
 
