@@ -7,14 +7,9 @@ restart), or the server named by ATTUNE_TEST_DATABASE_URL.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -22,13 +17,11 @@ import psycopg2
 import pytest
 import requests
 
-from attune_sse.embedded import EmbeddedPostgres, free_port
-from attune_sse.listener import APPLICATION_NAME
+from attune_sse.embedded import EmbeddedPostgres
 from attune_sse.migrate import apply_migrations
-from helpers import Api, Stream, wait_until
+from attune_sse.testing import ServerProcess, listener_pids
+from helpers import Api, Stream
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 JWT_SECRET = "test-secret-for-testing-only-not-secure"
 WORKERS = 2
 
@@ -55,11 +48,7 @@ class Database:
             conn.close()
 
     def listener_pids(self) -> set[int]:
-        rows = self.query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
-            (APPLICATION_NAME,),
-        )
-        return {pid for (pid,) in rows}
+        return listener_pids(self.url)
 
 
 def _reset_schema(url: str) -> None:
@@ -101,83 +90,33 @@ def db(database: Database) -> Iterator[Any]:
         conn.close()
 
 
-class Server:
-    """One gunicorn instance with gevent workers, started for the tests."""
-
-    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path, database: Database) -> None:
-        self.base_url = base_url
-        self.process = process
-        self.log_path = log_path
-        self.database = database
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                ok = requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-            return ok and len(self.database.listener_pids()) >= WORKERS
-
-        wait_until(ready, timeout, "gunicorn workers ready with their listeners connected")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+JWT_SECRET_CONFIG = {
+    "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,
+    "jwt_refresh_expiration": 3600, "allow_registration": True,
+}
 
 
-def start_server(database: Database, tmp_dir: Path, **overrides: Any) -> Server:
-    port = free_port()
-    config = {
+def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The test server's config: fast keep-alives and reconnects, so faults show quickly."""
+    config: dict[str, Any] = {
         "environment": "test",
         "database": {"url": database.url, "pool_size": 5},
         "server": {
-            "host": "127.0.0.1", "port": port, "workers": WORKERS,
-            "sse_keepalive_seconds": 1, "graceful_timeout": 3,
+            "workers": WORKERS, "sse_keepalive_seconds": 1, "graceful_timeout": 3,
             "cors_origins": ["http://localhost:3000"],
         },
-        "security": {
-            "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,
-            "jwt_refresh_expiration": 3600, "allow_registration": True,
-        },
+        "security": JWT_SECRET_CONFIG,
         "log": {"level": "info"},
         "listener": {"ping_interval": 1.0, "ping_timeout": 2.0, "reconnect_max_delay": 1.0},
     }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config.setdefault(section, {})[name] = value
-    config_path = tmp_dir / f"config-{port}.yaml"
-    config_path.write_text(json.dumps(config))  # JSON is YAML
-    log_path = tmp_dir / f"gunicorn-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE__")}
-    env["ATTUNE_CONFIG"] = str(config_path)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path, database)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
 
 
 @pytest.fixture(scope="session")
-def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(database, tmp_path_factory.mktemp("server"))
+def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(server_config(database), tmp_path_factory.mktemp("server")).start()
     try:
         yield srv
     finally:
@@ -188,7 +127,7 @@ def server(database: Database, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="session")
-def user(server: Server) -> dict[str, Any]:
+def user(server: ServerProcess) -> dict[str, Any]:
     """A registered identity and its tokens."""
     login = f"tester-{uuid.uuid4().hex[:8]}"
     response = requests.post(
@@ -206,7 +145,7 @@ def token(user: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def api(server: Server, token: str) -> Api:
+def api(server: ServerProcess, token: str) -> Api:
     return Api(server.base_url, token)
 
 
@@ -267,7 +206,7 @@ def set_status(db: Any) -> Any:
 
 
 @pytest.fixture
-def open_stream(server: Server, token: str) -> Iterator[Any]:
+def open_stream(server: ServerProcess, token: str) -> Iterator[Any]:
     """A factory of SSE clients on the server; all are closed after the test."""
     streams: list[Stream] = []
 

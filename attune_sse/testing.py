@@ -1,0 +1,104 @@
+"""Run the real service in a child process: for the test suite and the benchmarks.
+
+Like ``flask.testing``, this is support code, not part of the pipeline: it
+starts ``gunicorn -c gunicorn.conf.py`` with a config file it writes, waits
+until every worker's listener is connected, and stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import requests
+
+from .embedded import free_port
+from .listener import APPLICATION_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+
+
+def listener_pids(database_url: str) -> set[int]:
+    """Backend pids of the attune-sse listeners connected to this database."""
+    conn = psycopg2.connect(database_url, application_name="attune-sse-probe")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+                (APPLICATION_NAME,),
+            )
+            return {pid for (pid,) in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+class ServerProcess:
+    """One gunicorn instance with gevent workers serving attune-sse."""
+
+    def __init__(self, config: dict[str, Any], work_dir: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.config = json.loads(json.dumps(config))
+        self.config.setdefault("server", {}).update(host="127.0.0.1", port=self.port)
+        self.workers = self.config["server"].get("workers", 2)
+        self.database_url = self.config["database"]["url"]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config_path = work_dir / f"config-{self.port}.yaml"
+        self.log_path = work_dir / f"gunicorn-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        self.config_path.write_text(json.dumps(self.config))  # JSON is YAML
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE__")}
+        env["ATTUNE_CONFIG"] = str(self.config_path)
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)],
+                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def is_ready(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise RuntimeError(f"gunicorn exited with {code}:\n{self.log()[-3000:]}")
+        try:
+            ok = requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+        return ok and len(listener_pids(self.database_url)) >= self.workers
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gunicorn not ready within {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
