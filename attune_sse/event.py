@@ -28,14 +28,6 @@ class ExecutionEvent:
     frame: bytes = field(repr=False)
 
     @classmethod
-    def from_payload(cls, payload: str) -> ExecutionEvent:
-        """Build the event from the JSON text the trigger wrote."""
-        doc = parse_notification(payload)
-        if doc.get("truncated"):
-            raise PayloadError("a truncated notification carries no data; read the event by its id")
-        return cls.from_parts(doc["event_id"], doc["entity_id"], payload)
-
-    @classmethod
     def from_parts(cls, event_id: int, entity_id: int, payload: str) -> ExecutionEvent:
         # The payload is one line already: JSON escapes every line break in strings.
         frame = Message(data=payload, id=event_id).encode()
