@@ -98,8 +98,8 @@ class Pool:
         self._slots = threading.BoundedSemaphore(size)
 
     @contextmanager
-    def cursor(self) -> Iterator[Any]:
-        """A dict cursor inside one transaction: committed on success, rolled back on error."""
+    def cursor(self, *, dict_rows: bool = True) -> Iterator[Any]:
+        """A cursor inside one transaction: committed on success, rolled back on error."""
         if not self._slots.acquire(timeout=self.acquire_timeout):
             raise NotReady("All database connections are busy; retry shortly.", code="DATABASE_BUSY")
         conn = None
@@ -110,7 +110,8 @@ class Pool:
                 log.error("database unreachable: %s", str(exc).strip())
                 raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
             try:
-                with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+                factory = psycopg2.extras.RealDictCursor if dict_rows else None
+                with conn.cursor(cursor_factory=factory) as cur:
                     yield cur
                 conn.commit()
             except psycopg2.OperationalError as exc:

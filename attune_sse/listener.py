@@ -24,6 +24,7 @@ import gevent.event
 import gevent.select
 import psycopg2
 
+from . import record
 from .db import connect
 from .event import ExecutionEvent, PayloadError, parse_notification
 from .hub import Hub
@@ -161,32 +162,28 @@ class Listener:
     def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
         """The whole event from the table, for payloads too large for NOTIFY."""
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT execution, payload::text FROM attune.execution_event WHERE id = %s", (event_id,)
-            )
-            row = cur.fetchone()
-        if row is None:
+            event = record.event_by_id(cur, event_id)
+        if event is None:
             log.error("listener: event %d was announced but is not in attune.execution_event", event_id)
-            return None
-        return ExecutionEvent.from_parts(event_id, row[0], row[1])
+        return event
 
     def _catch_up(self, conn: Any) -> None:
         """After a reconnect, publish what was recorded while the listener was away."""
         if self.last_event_id is None:
             return
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT id, execution, payload::text FROM attune.execution_event WHERE id > %s ORDER BY id",
-                (self.last_event_id,),
-            )
-            rows = cur.fetchall()
         # Notifications of these same events may already wait in conn.notifies.
-        published = {event_id for event_id, _, _ in rows}
-        for event_id, execution, payload in rows:
-            self._publish(ExecutionEvent.from_parts(event_id, execution, payload))
-        if rows:
-            self.caught_up += len(rows)
-            log.warning("listener: caught up %d event(s) missed while disconnected", len(rows))
+        published: set[int] = set()
+        while True:
+            with conn.cursor() as cur:
+                page = record.events_after(cur, self.last_event_id)
+            for event in page:
+                self._publish(event)
+                published.add(event.event_id)
+            if len(page) < record.PAGE_SIZE:
+                break
+        if published:
+            self.caught_up += len(published)
+            log.warning("listener: caught up %d event(s) missed while disconnected", len(published))
         conn.poll()
         conn.notifies[:] = [
             n for n in conn.notifies if _event_id_of(n.payload) not in published

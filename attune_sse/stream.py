@@ -1,30 +1,36 @@
 """The SSE view: ``GET /api/v1/executions/stream``.
 
-The view checks the token and the filter before any byte of the stream is
-sent, so a bad request gets a JSON 401/400. The body is a generator that takes
-plain values (never ``request``), subscribes to the hub before its first
-write, and leaves the hub however the stream ends.
+The view checks the token, the filter and the resume point before any byte of
+the stream is sent, so a bad request gets a JSON 401/400. The body is a
+generator that takes plain values (never ``request``), subscribes to the hub
+before its first write, sends what the client missed (``Last-Event-ID``) from
+the event record, then the live events, and leaves the hub however it ends.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from flask_jwt_extended import verify_jwt_in_request
 
-from . import sse
-from .errors import NotReady
+from . import record, sse
+from .db import Pool
+from .errors import BadRequest, NotReady
 from .hub import Hub
 from .web import positive_int_arg, state
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("stream", __name__)
+
+MAX_EVENT_ID = 2**63 - 1
 
 HEADERS = {
     "Cache-Control": "no-cache",
@@ -36,27 +42,99 @@ HEADERS = {
 def execution_stream() -> Any:
     verify_jwt_in_request(locations=["headers", "query_string"])
     execution_id = positive_int_arg("execution_id")
+    last_event_id = _last_event_id()
     app_state = state()
     if app_state.hub.closed:
         raise NotReady("This worker is shutting down; reconnect.", code="SHUTTING_DOWN")
     config = app_state.config
+    backlog = None
+    if last_event_id is not None:
+        backlog = functools.partial(read_backlog, app_state.pool, execution_id, last_event_id)
     body = event_stream(
         app_state.hub,
         execution_id,
         keepalive=config["server.sse_keepalive_seconds"],
         retry_ms=config["server.sse_retry_ms"],
+        backlog=backlog,
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     return Response(body, mimetype="text/event-stream", headers=headers)
 
 
-def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_ms: int) -> Iterator[bytes]:
+def _last_event_id() -> int | None:
+    """Where a reconnecting client left off: the Last-Event-ID header EventSource sends, or ?last_event_id=."""
+    raw = request.headers.get("Last-Event-ID")
+    name = "Last-Event-ID header"
+    if raw is None:
+        raw = request.args.get("last_event_id")
+        name = "last_event_id"
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or int(raw) > MAX_EVENT_ID:
+        raise BadRequest(f"{name} must be an event id (a whole number >= 0), got {raw[:40]!r}.",
+                         code="VALIDATION_ERROR")
+    return int(raw)
+
+
+def reset_message(reason: str, resume_from: int) -> bytes:
+    """Tells the client its history has a hole: it should reload what it shows."""
+    data = json.dumps({"reason": reason, "resumed_from_event_id": resume_from}, separators=(",", ":"))
+    return sse.Message(data=data, event="reset", id=resume_from).encode()
+
+
+def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[bytes | int]:
+    """The events after ``after`` from the record, page by page.
+
+    Yields framed bytes to send, and after each page the id it reached (an int).
+    A client behind the retention window, or with an id this database never
+    issued, first gets a ``reset`` event.
+    """
+    with pool.cursor(dict_rows=False) as cur:
+        newest = record.last_event_id(cur)
+    if after > newest:
+        yield reset_message("unknown event id: this server has no event after it", newest)
+        after = newest
+        yield after
+    while True:
+        with pool.cursor(dict_rows=False) as cur:
+            page = record.events_after(cur, after, execution_id)
+            # Read after the page: a prune that raced with it shows here.
+            horizon = record.pruned_to(cur)
+        if horizon > after:
+            yield reset_message("events you missed were pruned (retention)", horizon)
+            if page and page[0].event_id <= horizon:
+                page = [e for e in page if e.event_id > horizon]
+            after = horizon
+        if page:
+            yield b"".join(e.frame for e in page)
+            after = page[-1].event_id
+        yield after
+        if len(page) < record.PAGE_SIZE:
+            return
+
+
+def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_ms: int,
+                 backlog: Callable[[], Iterator[bytes | int]] | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close."""
     with hub.subscription(execution_id) as sub:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
         # and sends the headers, so the client knows it is subscribed.
         yield sse.Message(retry=retry_ms).encode() + sse.comment("connected")
+        # Subscribed before the backlog is read: an event committed meanwhile is
+        # in the record or in the queue (or both: the seam drops ids already sent).
+        sent_up_to = 0
+        if backlog is not None:
+            try:
+                for item in backlog():
+                    if isinstance(item, int):
+                        sent_up_to = item
+                    else:
+                        yield item
+            except NotReady as exc:
+                log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
+                return
         while True:
             batch = sub.next_batch(keepalive)
             if batch is None:
@@ -64,6 +142,10 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
             if not batch:
                 yield sse.KEEPALIVE
                 continue
+            if sent_up_to:
+                batch = [e for e in batch if e.event_id > sent_up_to]
+                if not batch:
+                    continue
             # What piled up while the client was busy leaves in one write.
             yield b"".join(event.frame for event in batch)
         log.debug("stream ended (%s)", sub.reason)

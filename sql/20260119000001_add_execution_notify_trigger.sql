@@ -3,6 +3,15 @@
 --
 -- The event row is written in the same transaction as the change, so the record
 -- and the notification can never disagree. Its id is the SSE `id:` field.
+--
+-- Event ids follow commit order. A sequence alone hands out ids at INSERT, and
+-- transactions may commit in another order, so a reader that has seen id 11
+-- could later find a committed id 10 and skip it on resume. The trigger takes a
+-- transaction-scoped advisory lock before it draws the id: a second writer waits
+-- there until the first commits or rolls back. So at any moment the committed
+-- events are a prefix of the id order (less ids of rolled-back transactions), and
+-- "everything after id N" is a complete answer. The cost: writes to executions
+-- serialise from their first event until commit; keep those transactions short.
 -- The payload is kept as `json` (not `jsonb`) so the text a client receives is
 -- byte for byte the text stored, with the seed's key order.
 
@@ -13,6 +22,16 @@ CREATE TABLE attune.execution_event (
     payload   json NOT NULL
 );
 CREATE INDEX execution_event_execution_idx ON attune.execution_event (execution, id);
+CREATE INDEX execution_event_created_idx ON attune.execution_event (created);
+
+-- Pruning deletes old events; the highest id it removed is kept here, so a client
+-- that resumes from before it is told it missed events, rather than nothing.
+CREATE TABLE attune.execution_event_horizon (
+    singleton  boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pruned_to  bigint NOT NULL DEFAULT 0,
+    updated    timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO attune.execution_event_horizon DEFAULT VALUES;
 
 CREATE FUNCTION attune.iso_utc(ts timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
@@ -22,10 +41,13 @@ $$;
 CREATE FUNCTION attune.notify_execution_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    event_id bigint := nextval(pg_get_serial_sequence('attune.execution_event', 'id'));
+    event_id bigint;
     payload  json;
     body     text;
 BEGIN
+    -- 0x61747475_6576 ("attuev"): the lock that orders events; see above.
+    PERFORM pg_advisory_xact_lock(107152797951350);
+    event_id := nextval(pg_get_serial_sequence('attune.execution_event', 'id'));
     payload := json_build_object(
         'entity_type', 'execution',
         'entity_id', NEW.id,
