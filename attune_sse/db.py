@@ -105,7 +105,7 @@ class Pool:
         conn = None
         try:
             try:
-                conn = self._idle.pop() if self._idle else connect(self.url)
+                conn = self._reuse_idle() or connect(self.url)
             except psycopg2.OperationalError as exc:
                 log.error("database unreachable: %s", str(exc).strip())
                 raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
@@ -126,6 +126,19 @@ class Pool:
             if conn is not None and not conn.closed:
                 self._idle.append(conn)
             self._slots.release()
+
+    def _reuse_idle(self) -> Any:
+        """An idle connection that is still alive, or None (dead ones are dropped)."""
+        while self._idle:
+            conn = self._idle.pop()
+            try:
+                # Reads whatever the server sent while idle: a restart shows as EOF here.
+                conn.poll()
+                return conn
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                log.info("dropping a pooled connection the server closed")
+                conn.close()
+        return None
 
     def close(self) -> None:
         while self._idle:

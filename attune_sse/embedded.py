@@ -50,6 +50,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
+        # As PostgreSQL binds: connections of a stopped server in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

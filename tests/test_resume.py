@@ -1,0 +1,233 @@
+"""Lossless delivery: Last-Event-ID resume, commit order, faults, pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import psycopg2
+import requests
+
+from attune_sse import record
+from conftest import server_config
+from helpers import Stream, wait_until
+
+STREAM = "/api/v1/executions/stream"
+
+
+def _updater(database: Any, execution_id: int, count: int, pause: float = 0.0,
+             done: threading.Event | None = None) -> threading.Thread:
+    """A thread that makes ``count`` UPDATEs, retrying through database faults."""
+    def run() -> None:
+        made = 0
+        conn = None
+        while made < count:
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg2.connect(database.url, connect_timeout=3)
+                    conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute("UPDATE attune.execution SET result = %s WHERE id = %s",
+                                (json.dumps({"n": made + 1}), execution_id))
+                made += 1
+                if pause:
+                    time.sleep(pause)
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                # The server is restarting: the UPDATE did not commit, so make it again.
+                print(f"updater: {type(exc).__name__}: {exc}".strip())
+                conn = None
+                time.sleep(0.05)
+        conn.close()
+        if done is not None:
+            done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _numbers(events: list[Any], execution_id: int) -> list[int]:
+    return [e.json["data"]["result"]["n"] for e in events
+            if e.json["entity_id"] == execution_id and e.json["data"]["result"]]
+
+
+def test_resume_after_disconnect_during_a_burst_of_1000(
+    server: Any, token: str, new_execution: Any, database: Any
+) -> None:
+    execution_id = new_execution()
+    url = server.base_url + STREAM
+    first = Stream(url, {"token": token, "execution_id": execution_id})
+    _updater(database, execution_id, 1000)
+    before = [first.next_event(10) for _ in range(300)]
+    first.close()
+
+    second = Stream(url, {"token": token, "execution_id": execution_id},
+                    headers={"Last-Event-ID": before[-1].id})
+    after = second.events_until(lambda e: e["data"]["result"]["n"] == 1000, timeout=30)
+    second.close()
+
+    numbers = _numbers(before, execution_id) + _numbers(after, execution_id)
+    assert numbers == list(range(1, 1001)), "every event exactly once, in order"
+    ids = [int(e.id) for e in before + after]
+    assert ids == sorted(set(ids))
+
+
+def test_resume_by_query_parameter_and_bad_ids(server: Any, token: str, new_execution: Any,
+                                               set_status: Any, database: Any) -> None:
+    execution_id = new_execution()
+    set_status(execution_id, "running")
+    set_status(execution_id, "completed")
+    ((first_id,),) = database.query(
+        "SELECT min(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
+    stream = Stream(server.base_url + STREAM,
+                    {"token": token, "execution_id": execution_id, "last_event_id": first_id})
+    events = stream.events_until(lambda e: e["data"]["status"] == "completed")
+    stream.close()
+    assert [e.json["data"]["status"] for e in events] == ["running", "completed"]
+
+    for bad in ("abc", "-1", "1.5", "99999999999999999999999"):
+        response = requests.get(server.base_url + STREAM, params={"token": token},
+                                headers={"Last-Event-ID": bad}, timeout=10)
+        assert response.status_code == 400, bad
+        assert response.json()["code"] == "VALIDATION_ERROR"
+
+
+def test_transactions_committing_out_of_id_order_lose_nothing(
+    server: Any, token: str, database: Any, new_execution: Any
+) -> None:
+    """Transaction A draws its event id first, B second, and B tries to commit first.
+
+    The trigger's lock makes B wait for A, so ids follow commit order: a client
+    that saw B's event can never later find A's committed with a lower id.
+    """
+    a_id, b_id = new_execution(), new_execution()
+    live = Stream(server.base_url + STREAM, {"token": token})
+    ((start,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+
+    conn_a, conn_b = database.connect(), database.connect()
+    conn_a.autocommit = conn_b.autocommit = False
+    try:
+        with conn_a.cursor() as cur:
+            cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (a_id,))
+        b_done = threading.Event()
+
+        def transaction_b() -> None:
+            with conn_b.cursor() as cur:
+                cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (b_id,))
+            conn_b.commit()
+            b_done.set()
+
+        threading.Thread(target=transaction_b, daemon=True).start()
+        assert not b_done.wait(1.0), "B committed while A, which drew the earlier id, was open"
+        # A client that resumes now sees neither: there is no committed event for it to skip past.
+        assert record_after(database, start) == []
+        conn_a.commit()
+        assert b_done.wait(10)
+    finally:
+        conn_a.close()
+        conn_b.close()
+
+    ids_in_commit_order = record_after(database, start)
+    assert [execution for _, execution in ids_in_commit_order] == [a_id, b_id]
+    events = live.events_until(lambda e: e["entity_id"] == b_id)
+    mine = [(int(e.id), e.json["entity_id"]) for e in events if e.json["entity_id"] in (a_id, b_id)]
+    assert mine == ids_in_commit_order, "live order is commit order is id order"
+    resumed = Stream(server.base_url + STREAM, {"token": token, "last_event_id": start})
+    replayed = resumed.events_until(lambda e: e["entity_id"] == b_id)
+    assert [(int(e.id), e.json["entity_id"]) for e in replayed] == ids_in_commit_order
+    live.close()
+    resumed.close()
+
+
+def record_after(database: Any, after: int) -> list[tuple[int, int]]:
+    return [tuple(r) for r in database.query(
+        "SELECT id, execution FROM attune.execution_event WHERE id > %s ORDER BY id", (after,))]
+
+
+def test_every_event_arrives_through_listener_kills_and_a_database_restart(
+    database: Any, server: Any, token: str, new_execution: Any
+) -> None:
+    execution_id = new_execution()
+    url = server.base_url + STREAM
+    streams = [Stream(url, {"token": token, "execution_id": execution_id}) for _ in range(4)]
+    total = 400
+    done = threading.Event()
+    _updater(database, execution_id, total, pause=0.01, done=done)
+
+    for _ in range(5):
+        time.sleep(0.3)
+        old = database.listener_pids()
+        database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
+    assert database.embedded is not None, "the restart needs the suite's own embedded server"
+    database.embedded.stop("fast")
+    database.embedded.start()
+    assert done.wait(60), "the updater finished"
+
+    received_by_stream = []
+    for stream in streams:
+        try:
+            events = stream.events_until(lambda e: e["data"]["result"] and e["data"]["result"]["n"] == total,
+                                         timeout=30)
+            received_by_stream.append(_numbers(stream.received, execution_id))
+        finally:
+            stream.close()
+        assert events
+    # The HTTP streams stayed open throughout: only the listeners reconnected and caught up.
+    for numbers in received_by_stream:
+        assert numbers == list(range(1, total + 1))
+    server.wait_ready()
+
+
+def test_prune_then_resume_from_behind_the_window_gets_reset(
+    server: Any, token: str, database: Any, new_execution: Any, set_status: Any
+) -> None:
+    execution_id = new_execution()
+    ((old_id,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    for status in ("scheduling", "scheduled", "running"):
+        set_status(execution_id, status)
+    conn = database.connect()
+    try:
+        with conn.cursor() as cur:
+            deleted, horizon = record.prune(cur, keep_last=1)
+    finally:
+        conn.close()
+    assert deleted >= 3 and horizon > old_id
+
+    stream = Stream(server.base_url + STREAM, {"token": token}, headers={"Last-Event-ID": str(old_id)})
+    reset = stream.next_event()
+    assert reset.event == "reset"
+    assert reset.json["resumed_from_event_id"] == horizon
+    assert int(reset.id) == horizon
+    set_status(execution_id, "completed")
+    after = stream.events_until(lambda e: e.get("entity_id") == execution_id and e["data"]["status"] == "completed")
+    assert after[-1].event == "message"
+    stream.close()
+
+
+def test_worker_killed_costs_only_a_reconnect(
+    database: Any, tmp_path: Any, token: str, new_execution: Any, set_status: Any
+) -> None:
+    from attune_sse.testing import ServerProcess
+
+    srv = ServerProcess(server_config(database), tmp_path).start()
+    try:
+        execution_id = new_execution()
+        url = srv.base_url + STREAM
+        stream = Stream(url, {"token": token, "execution_id": execution_id})
+        set_status(execution_id, "running")
+        last = stream.next_event()
+        os.kill(stream.worker, signal.SIGKILL)
+        assert stream.ended(10), "the killed worker's stream ended"
+        set_status(execution_id, "completed")  # while the client is away
+        srv.wait_ready()
+        again = Stream(url, {"token": token, "execution_id": execution_id}, headers={"Last-Event-ID": last.id})
+        events = again.events_until(lambda e: e["data"]["status"] == "completed")
+        assert [e.json["data"]["status"] for e in events] == ["completed"]
+        again.close()
+    finally:
+        srv.stop()
+    wait_until(lambda: srv.process.poll() is not None, 10, "the extra server to stop")
