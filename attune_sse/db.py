@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -124,16 +125,22 @@ class Pool:
                 raise
         finally:
             if conn is not None and not conn.closed:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
             self._slots.release()
 
     def _reuse_idle(self) -> Any:
-        """An idle connection that is still alive, or None (dead ones are dropped)."""
+        """An idle connection that still answers, or None (dead ones are dropped).
+
+        A connection idle for over a second is pinged first: after a database
+        restart it would otherwise fail the request it was lent to.
+        """
         while self._idle:
-            conn = self._idle.pop()
+            conn, idle_since = self._idle.pop()
+            if time.monotonic() - idle_since < 1.0:
+                return conn
             try:
-                # Reads whatever the server sent while idle: a restart shows as EOF here.
-                conn.poll()
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
                 return conn
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
                 log.info("dropping a pooled connection the server closed")
@@ -142,4 +149,4 @@ class Pool:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self._idle.pop()[0].close()
