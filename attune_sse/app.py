@@ -16,6 +16,7 @@ from .db import Pool, resolve_url
 from .errors import NotReady
 from .hub import Hub
 from .listener import Listener
+from .retention import start_pruner
 from .web import EXTENSION, AppState, register_error_handlers, state
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
         ping_timeout=config["listener.ping_timeout"],
         reconnect_max_delay=config["listener.reconnect_max_delay"],
     )
-    app.extensions[EXTENSION] = AppState(
-        config=config, pool=Pool(url, config["database.pool_size"]), hub=hub, listener=listener
-    )
+    pool = Pool(url, config["database.pool_size"])
+    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener)
 
     register_error_handlers(app)
     auth.init_app(app, config)
@@ -68,6 +68,7 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
 
     if start_listener:
         listener.start()
+        app.extensions[EXTENSION].pruner = start_pruner(pool, config)
     return app
 
 

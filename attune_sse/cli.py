@@ -73,6 +73,41 @@ def migrate(config_path: str | None) -> None:
     click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "; up to date"))
 
 
+@main.command()
+@config_option
+@click.option("--older-than", type=click.IntRange(min=0), help="Prune events older than this many seconds "
+              "(default: events.retention_seconds).")
+@click.option("--keep", type=click.IntRange(min=0),
+              help="Keep at least the newest N events (default: events.retention_count).")
+def prune(config_path: str | None, older_than: int | None, keep: int | None) -> None:
+    """Delete old events from the record; clients resuming from before them get a 'reset' event."""
+    import psycopg2
+
+    from . import record
+    from .db import connect, database
+    from .migrate import apply_migrations
+    from .retention import limits
+
+    config = _load(config_path)
+    kwargs = limits(config)
+    if older_than is not None:
+        kwargs["max_age_seconds"] = older_than
+    if keep is not None:
+        kwargs["keep_last"] = keep
+    try:
+        with database(config) as url:
+            apply_migrations(url)
+            conn = connect(url)
+            try:
+                with conn, conn.cursor() as cur:
+                    deleted, horizon = record.prune(cur, **kwargs)
+            finally:
+                conn.close()
+    except (AttuneError, psycopg2.Error) as exc:
+        raise click.ClickException(str(exc).strip()) from None
+    click.echo(f"pruned {deleted} event(s); the record now starts after event {horizon}")
+
+
 @main.group()
 def user() -> None:
     """Manage identities."""

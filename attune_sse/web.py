@@ -28,11 +28,14 @@ class AppState:
     pool: Pool
     hub: Hub
     listener: Listener
+    pruner: Any = None
 
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""
         open_streams = self.hub.close(reason)
         self.listener.stop()
+        if self.pruner is not None:
+            self.pruner.kill(block=False)
         self.pool.close()
         return open_streams
 

@@ -231,3 +231,21 @@ def test_worker_killed_costs_only_a_reconnect(
     finally:
         srv.stop()
     wait_until(lambda: srv.process.poll() is not None, 10, "the extra server to stop")
+
+
+def test_workers_prune_on_schedule(database: Any, tmp_path: Any, new_execution: Any, set_status: Any) -> None:
+    from attune_sse.testing import ServerProcess
+
+    execution_id = new_execution()
+    for status in ("scheduling", "scheduled", "running"):
+        set_status(execution_id, status)
+    ((newest,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    config = server_config(database, events={"retention_count": 1, "prune_interval_seconds": 0.5})
+    srv = ServerProcess(config, tmp_path).start()
+    try:
+        wait_until(lambda: database.query("SELECT pruned_to FROM attune.execution_event_horizon")[0][0]
+                   >= newest - 1, 10, "a worker to prune the record")
+        assert database.query("SELECT count(*) FROM attune.execution_event WHERE id < %s", (newest,))[0][0] == 0
+        assert "pruned" in srv.log()
+    finally:
+        srv.stop()
