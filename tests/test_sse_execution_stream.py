@@ -250,7 +250,8 @@ def test_large_result_reaches_every_client(open_stream: Any, new_execution: Any,
     response = api.patch(f"/api/v1/executions/{execution_id}", json={"status": "completed", "result": big})
     assert response.status_code == 200, response.text
     for stream in streams:
-        event = stream.events_until(lambda e: e["entity_id"] == execution_id)[-1]
+        event = stream.events_until(
+            lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "completed")[-1]
         assert event.json["data"]["status"] == "completed"
         assert event.json["data"]["result"] == big
         assert "truncated" not in event.json
