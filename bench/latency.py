@@ -21,6 +21,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -88,26 +90,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="attune-bench-"))
-    embedded = None
-    database_url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-    if not database_url:
-        embedded = EmbeddedPostgres(work / "pgdata").start()
-        embedded.create_database("attune_bench")
-        database_url = embedded.url("attune_bench")
-    apply_migrations(database_url)
-    server = ServerProcess({
-        "database": {"url": database_url},
-        "server": {"workers": args.workers},
-        "security": {"jwt_secret": SECRET, "allow_registration": True},
-        "log": {"level": "warn"},
-    }, work).start()
     stop = threading.Event()
-    try:
-        login = f"bench-{os.getpid()}"
-        registered = requests.post(server.base_url + "/auth/register",
-                                   json={"login": login, "password": "benchmark-pw"}, timeout=10)
-        token = registered.json()["data"]["access_token"]
+    with start_stack(args.workers) as (server, database_url, token):
         conn = psycopg2.connect(database_url)
         conn.autocommit = True
         cur = conn.cursor()
@@ -147,8 +131,31 @@ def main() -> None:
             print(f"{name:<24} {len(ms):>5} {statistics.median(ms):>8.2f} {percentile(ms, 0.9):>8.2f} "
                   f"{percentile(ms, 0.99):>8.2f} {max(ms):>8.2f} {statistics.median(values) / base:>12.1f}x")
         conn.close()
-    finally:
         stop.set()
+
+
+@contextmanager
+def start_stack(workers: int) -> Iterator[tuple[ServerProcess, str, str]]:
+    """An embedded PostgreSQL (or ATTUNE_BENCH_DATABASE_URL) and the service; yields (server, db url, token)."""
+    work = Path(tempfile.mkdtemp(prefix="attune-bench-"))
+    embedded = None
+    database_url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
+    if not database_url:
+        embedded = EmbeddedPostgres(work / "pgdata").start()
+        embedded.create_database("attune_bench")
+        database_url = embedded.url("attune_bench")
+    apply_migrations(database_url)
+    server = ServerProcess({
+        "database": {"url": database_url},
+        "server": {"workers": workers},
+        "security": {"jwt_secret": SECRET, "allow_registration": True},
+        "log": {"level": "warn"},
+    }, work).start()
+    try:
+        registered = requests.post(server.base_url + "/auth/register",
+                                   json={"login": f"bench-{os.getpid()}", "password": "benchmark-pw"}, timeout=10)
+        yield server, database_url, registered.json()["data"]["access_token"]
+    finally:
         server.stop()
         if embedded is not None:
             embedded.stop("immediate")

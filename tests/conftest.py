@@ -20,7 +20,7 @@ import requests
 from attune_sse.embedded import EmbeddedPostgres
 from attune_sse.migrate import apply_migrations
 from attune_sse.testing import ServerProcess, listener_pids
-from helpers import Api, Stream
+from helpers import OPEN_STREAMS, Api, Stream
 
 JWT_SECRET = "test-secret-for-testing-only-not-secure"
 WORKERS = 2
@@ -219,6 +219,14 @@ def open_stream(server: ServerProcess, token: str) -> Iterator[Any]:
     yield open_
     for stream in streams:
         stream.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_leftover_streams() -> Iterator[None]:
+    """A failed test must not leave streams open for the next one to count."""
+    yield
+    while OPEN_STREAMS:
+        OPEN_STREAMS.pop().close()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -13,6 +13,8 @@ import requests
 import sseclient
 
 _END = object()
+# Every Stream opened, so a fixture can close what a failed test left open.
+OPEN_STREAMS: list[Stream] = []
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -40,6 +42,7 @@ class Stream:
         if self.response.status_code != 200:
             raise AssertionError(f"stream refused: {self.response.status_code} {self.response.text}")
         self.worker = int(self.response.headers["X-Attune-Worker"])
+        OPEN_STREAMS.append(self)
         self.received: list[Any] = []
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue()
