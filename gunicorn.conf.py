@@ -14,10 +14,11 @@ import os
 import sys
 
 from attune_sse import serving
+from attune_sse.config import load_config
 from attune_sse.errors import AttuneError
 
 try:
-    _config = serving.load_server_config()
+    _config = load_config()
 except AttuneError as exc:
     print(f"attune-sse: {exc}", file=sys.stderr)
     raise SystemExit(2) from None

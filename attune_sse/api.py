@@ -11,14 +11,13 @@ from flask_jwt_extended import jwt_required
 from . import store
 from .auth import current_identity_id
 from .errors import Conflict, NotFound, Unprocessable
-from .web import invalid, json_body, optional_string, positive_int_arg, required_string, state
+from .web import MAX_BIGINT, invalid, json_body, optional_string, positive_int_arg, required_string, state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 PACK_REF = re.compile(r"^[a-z][a-z0-9_-]+$")
 ACTION_REF = re.compile(r"^([a-z][a-z0-9_-]+)\.[A-Za-z0-9_.-]+$")
 MAX_PAGE_SIZE = 500
-MAX_ID = 2**63 - 1  # bigint
 
 
 @bp.before_request
@@ -112,7 +111,7 @@ def _not_found(execution_id: int) -> NotFound:
 
 @bp.get("/executions/<int:execution_id>")
 def get_execution(execution_id: int) -> Any:
-    if execution_id > MAX_ID:
+    if execution_id > MAX_BIGINT:
         raise _not_found(execution_id)
     with state().pool.cursor() as cur:
         execution = store.execution_by_id(cur, execution_id)
@@ -129,7 +128,8 @@ def create_execution() -> Any:
     if config is not None and not isinstance(config, dict):
         raise invalid("config", "must be a JSON object or null")
     parent = body.get("parent")
-    if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool) or not 1 <= parent <= MAX_ID):
+    valid_parent = isinstance(parent, int) and not isinstance(parent, bool) and 1 <= parent <= MAX_BIGINT
+    if parent is not None and not valid_parent:
         raise invalid("parent", "must be the id of an execution")
     with state().pool.cursor() as cur:
         action = store.action_by_ref(cur, action_ref)
@@ -143,7 +143,7 @@ def create_execution() -> Any:
 
 @bp.patch("/executions/<int:execution_id>")
 def update_execution(execution_id: int) -> Any:
-    if execution_id > MAX_ID:
+    if execution_id > MAX_BIGINT:
         raise _not_found(execution_id)
     body = json_body()
     unknown = set(body) - {"status", "result"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -56,7 +57,11 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
         reconnect_max_delay=config["listener.reconnect_max_delay"],
     )
     pool = Pool(url, config["database.pool_size"])
-    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener)
+    pruner = None
+    if start_listener:
+        listener.start()
+        pruner = start_pruner(pool, config)
+    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener, pruner=pruner)
 
     register_error_handlers(app)
     auth.init_app(app, config)
@@ -66,9 +71,6 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.add_url_rule("/readyz", view_func=readyz)
     _init_cors(app, config["server.cors_origins"])
 
-    if start_listener:
-        listener.start()
-        app.extensions[EXTENSION].pruner = start_pruner(pool, config)
     return app
 
 
@@ -88,11 +90,19 @@ def readyz() -> Any:
     if not app_state.listener.connected:
         raise NotReady("Not ready: the LISTEN connection is down; it is reconnecting.",
                        code="LISTENER_DISCONNECTED")
+    listener = app_state.listener
     return jsonify({"data": {
         "status": "ready",
         "pid": os.getpid(),
-        "listener_backend_pid": app_state.listener.backend_pid,
+        "listener_backend_pid": listener.backend_pid,
+        "listener": {
+            "last_event_id": listener.last_event_id,
+            "received": listener.received,
+            "caught_up": listener.caught_up,
+            "reconnects": listener.reconnects,
+        },
         "streams": len(app_state.hub),
+        "hub": dataclasses.asdict(app_state.hub.stats),
     }})
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify
+from flask import Blueprint, Flask, jsonify
 from flask_jwt_extended import (
     JWTManager,
     create_access_token,
@@ -22,8 +24,13 @@ from .web import invalid, json_body, optional_string, required_string, state
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 
-# Checked against when the login is unknown, so both failures take as long.
-_DUMMY_HASH = generate_password_hash("attune-sse timing equaliser")
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the login is unknown, so both failures take as long."""
+    return generate_password_hash("attune-sse timing equaliser")
 
 
 def init_app(app: Flask, config: Config) -> None:
@@ -60,16 +67,22 @@ def init_app(app: Flask, config: Config) -> None:
     app.register_blueprint(bp)
 
 
+def access_token(subject: str, login: str | None) -> dict[str, Any]:
+    """A new access token, as the login and refresh bodies carry it."""
+    return {
+        "access_token": create_access_token(subject, additional_claims={"login": login, "token_type": "access"}),
+        "token_type": "Bearer",
+        "expires_in": state().config["security.jwt_access_expiration"],
+    }
+
+
 def issue_tokens(identity: dict[str, Any]) -> dict[str, Any]:
     """The body of a successful login or registration."""
-    config = state().config
-    claims = {"login": identity["login"]}
     subject = str(identity["id"])
+    refresh_claims = {"login": identity["login"], "token_type": "refresh"}
     return {
-        "access_token": create_access_token(subject, additional_claims={**claims, "token_type": "access"}),
-        "refresh_token": create_refresh_token(subject, additional_claims={**claims, "token_type": "refresh"}),
-        "token_type": "Bearer",
-        "expires_in": config["security.jwt_access_expiration"],
+        **access_token(subject, identity["login"]),
+        "refresh_token": create_refresh_token(subject, additional_claims=refresh_claims),
         "user": public_identity(identity),
     }
 
@@ -89,9 +102,9 @@ def login() -> Any:
     password = required_string(body, "password", max_length=1024)
     with state().pool.cursor() as cur:
         identity = store.identity_by_login(cur, login_name)
-    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _DUMMY_HASH
+    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
     if not check_password_hash(stored_hash, password) or identity is None:
-        current_app.logger.info("login failed for %r", login_name)
+        log.info("login failed for %r", login_name)
         raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")
     return jsonify({"data": issue_tokens(identity)})
 
@@ -124,15 +137,7 @@ def create_identity(login_name: str, password: str, display_name: str | None) ->
 @jwt_required(refresh=True)
 def refresh() -> Any:
     claims = get_jwt()
-    config = state().config
-    token = create_access_token(
-        claims["sub"], additional_claims={"login": claims.get("login"), "token_type": "access"}
-    )
-    return jsonify({"data": {
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": config["security.jwt_access_expiration"],
-    }})
+    return jsonify({"data": access_token(claims["sub"], claims.get("login"))})
 
 
 @bp.get("/me")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,6 +30,27 @@ def _load(config_path: str | None) -> Config:
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=log_level(config), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return config
+
+
+@contextmanager
+def _migrated_cursor(config: Config) -> Iterator[Any]:
+    """A cursor on the database, migrated first, committed at the end; errors become one CLI line."""
+    import psycopg2
+
+    from .db import connect, database
+    from .migrate import apply_migrations
+
+    try:
+        with database(config) as url:
+            apply_migrations(url)
+            conn = connect(url)
+            try:
+                with conn, conn.cursor() as cur:
+                    yield cur
+            finally:
+                conn.close()
+    except (AttuneError, psycopg2.Error) as exc:
+        raise click.ClickException(str(exc).strip()) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,11 +105,7 @@ def migrate(config_path: str | None) -> None:
               help="Keep at least the newest N events (default: events.retention_count).")
 def prune(config_path: str | None, older_than: int | None, keep: int | None) -> None:
     """Delete old events from the record; clients resuming from before them get a 'reset' event."""
-    import psycopg2
-
     from . import record
-    from .db import connect, database
-    from .migrate import apply_migrations
     from .retention import limits
 
     config = _load(config_path)
@@ -94,17 +114,8 @@ def prune(config_path: str | None, older_than: int | None, keep: int | None) -> 
         kwargs["max_age_seconds"] = older_than
     if keep is not None:
         kwargs["keep_last"] = keep
-    try:
-        with database(config) as url:
-            apply_migrations(url)
-            conn = connect(url)
-            try:
-                with conn, conn.cursor() as cur:
-                    deleted, horizon = record.prune(cur, **kwargs)
-            finally:
-                conn.close()
-    except (AttuneError, psycopg2.Error) as exc:
-        raise click.ClickException(str(exc).strip()) from None
+    with _migrated_cursor(config) as cur:
+        deleted, horizon = record.prune(cur, **kwargs)
     click.echo(f"pruned {deleted} event(s); the record now starts after event {horizon}")
 
 
@@ -121,27 +132,13 @@ def user() -> None:
 @config_option
 def user_create(login: str, password: str, display_name: str | None, config_path: str | None) -> None:
     """Create an identity that can log in."""
-    import psycopg2
     from werkzeug.security import generate_password_hash
 
     from . import store
-    from .db import connect, database
-    from .migrate import apply_migrations
 
     config = _load(config_path)
-    try:
-        with database(config) as url:
-            apply_migrations(url)
-            conn = connect(url)
-            try:
-                with conn, conn.cursor() as cur:
-                    created = store.insert_identity(
-                        cur, login, display_name or login, generate_password_hash(password)
-                    )
-            finally:
-                conn.close()
-    except (AttuneError, psycopg2.Error) as exc:
-        raise click.ClickException(str(exc).strip()) from None
+    with _migrated_cursor(config) as cur:
+        created = store.insert_identity(cur, login, display_name or login, generate_password_hash(password))
     if created is None:
         raise click.ClickException(f"login {login!r} is already taken")
     click.echo(f"created identity {created[0]} ({login})")

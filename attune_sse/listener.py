@@ -80,9 +80,6 @@ class Listener:
             self._greenlet = None
         self._connected.clear()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     # -- the loop ----------------------------------------------------------
 
     def _run(self) -> None:
@@ -102,7 +99,6 @@ class Listener:
                 self._connected.set()
                 self._serve(conn)
             except (psycopg2.Error, OSError, PingTimeout) as exc:
-                self._connected.clear()
                 attempt += 1
                 delay = min(self.reconnect_max_delay, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 log.warning(
@@ -145,19 +141,19 @@ class Listener:
             notify = conn.notifies.pop(0)
             if notify.channel != CHANNEL:
                 continue
-            event = self._to_event(conn, notify.payload)
+            try:
+                doc = parse_notification(notify.payload)
+            except PayloadError as exc:
+                log.error("listener: ignoring a malformed notification (%s): %.200s", exc, notify.payload)
+                continue
+            if self._seen(doc["event_id"]):
+                continue  # published already, by the catch-up after a reconnect
+            if doc.get("truncated"):
+                event = self._read_event(conn, doc["event_id"])
+            else:
+                event = ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
             if event is not None:
                 self._publish(event)
-
-    def _to_event(self, conn: Any, payload: str) -> ExecutionEvent | None:
-        try:
-            doc = parse_notification(payload)
-            if doc.get("truncated"):
-                return self._read_event(conn, doc["event_id"])
-            return ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], payload)
-        except PayloadError as exc:
-            log.error("listener: ignoring a malformed notification (%s): %.200s", exc, payload)
-            return None
 
     def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
         """The whole event from the table, for payloads too large for NOTIFY."""
@@ -171,36 +167,28 @@ class Listener:
         """After a reconnect, publish what was recorded while the listener was away."""
         if self.last_event_id is None:
             return
-        # Notifications of these same events may already wait in conn.notifies.
-        published: set[int] = set()
+        caught_up = 0
         while True:
             with conn.cursor() as cur:
                 page = record.events_after(cur, self.last_event_id)
             for event in page:
                 self._publish(event)
-                published.add(event.event_id)
+            caught_up += len(page)
             if len(page) < record.PAGE_SIZE:
                 break
-        if published:
-            self.caught_up += len(published)
-            log.warning("listener: caught up %d event(s) missed while disconnected", len(published))
-        conn.poll()
-        conn.notifies[:] = [
-            n for n in conn.notifies if _event_id_of(n.payload) not in published
-        ]
+        if caught_up:
+            self.caught_up += caught_up
+            log.warning("listener: caught up %d event(s) missed while disconnected", caught_up)
+
+    def _seen(self, event_id: int) -> bool:
+        # Event ids follow commit order (the trigger's lock), and so does NOTIFY:
+        # an id at or below the last one published is a repeat, never a late event.
+        return self.last_event_id is not None and event_id <= self.last_event_id
 
     def _publish(self, event: ExecutionEvent) -> None:
         self.received += 1
-        if self.last_event_id is None or event.event_id > self.last_event_id:
-            self.last_event_id = event.event_id
+        self.last_event_id = event.event_id
         self.hub.publish(event)
-
-
-def _event_id_of(payload: str) -> int | None:
-    try:
-        return parse_notification(payload)["event_id"]
-    except PayloadError:
-        return None
 
 
 def _one_line(exc: BaseException) -> str:

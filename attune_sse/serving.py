@@ -17,11 +17,8 @@ from .migrate import apply_migrations
 log = logging.getLogger(__name__)
 
 _URL_ENV = ENV_PREFIX + "DATABASE__URL"
+# The master's embedded server, from on_starting to on_exit (hooks get no place of their own for it).
 _embedded: dict[str, Any] = {}
-
-
-def load_server_config() -> Config:
-    return load_config()
 
 
 def logging_config(config: Config) -> dict[str, Any]:

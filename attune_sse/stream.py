@@ -22,15 +22,13 @@ from flask_jwt_extended import verify_jwt_in_request
 
 from . import record, sse
 from .db import Pool
-from .errors import BadRequest, NotReady
+from .errors import NotReady
 from .hub import Hub
-from .web import positive_int_arg, state
+from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("stream", __name__)
-
-MAX_EVENT_ID = 2**63 - 1
 
 HEADERS = {
     "Cache-Control": "no-cache",
@@ -47,15 +45,13 @@ def execution_stream() -> Any:
     if app_state.hub.closed:
         raise NotReady("This worker is shutting down; reconnect.", code="SHUTTING_DOWN")
     config = app_state.config
-    backlog = None
-    if last_event_id is not None:
-        backlog = functools.partial(read_backlog, app_state.pool, execution_id, last_event_id)
     body = event_stream(
         app_state.hub,
         execution_id,
         keepalive=config["server.sse_keepalive_seconds"],
         retry_ms=config["server.sse_retry_ms"],
-        backlog=backlog,
+        last_event_id=last_event_id,
+        backlog=functools.partial(read_backlog, app_state.pool, execution_id),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     return Response(body, mimetype="text/event-stream", headers=headers)
@@ -64,17 +60,13 @@ def execution_stream() -> Any:
 def _last_event_id() -> int | None:
     """Where a reconnecting client left off: the Last-Event-ID header EventSource sends, or ?last_event_id=."""
     raw = request.headers.get("Last-Event-ID")
-    name = "Last-Event-ID header"
+    name = "The Last-Event-ID header"
     if raw is None:
         raw = request.args.get("last_event_id")
-        name = "last_event_id"
+        name = "Query parameter 'last_event_id'"
     if raw is None or raw.strip() == "":
         return None
-    raw = raw.strip()
-    if not raw.isdigit() or int(raw) > MAX_EVENT_ID:
-        raise BadRequest(f"{name} must be an event id (a whole number >= 0), got {raw[:40]!r}.",
-                         code="VALIDATION_ERROR")
-    return int(raw)
+    return parse_int(raw, name, minimum=0)
 
 
 def reset_message(reason: str, resume_from: int) -> bytes:
@@ -83,40 +75,41 @@ def reset_message(reason: str, resume_from: int) -> bytes:
     return sse.Message(data=data, event="reset", id=resume_from).encode()
 
 
-def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[bytes | int]:
-    """The events after ``after`` from the record, page by page.
+def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[tuple[bytes, int]]:
+    """The events after ``after`` from the record, page by page, as (frames, id reached).
 
-    Yields framed bytes to send, and after each page the id it reached (an int).
     A client behind the retention window, or with an id this database never
     issued, first gets a ``reset`` event.
     """
     with pool.cursor(dict_rows=False) as cur:
         newest = record.last_event_id(cur)
     if after > newest:
-        yield reset_message("unknown event id: this server has no event after it", newest)
+        yield reset_message("unknown event id: this server has no event after it", newest), newest
         after = newest
-        yield after
     while True:
         with pool.cursor(dict_rows=False) as cur:
             page = record.events_after(cur, after, execution_id)
             # Read after the page: a prune that raced with it shows here.
             horizon = record.pruned_to(cur)
         if horizon > after:
-            yield reset_message("events you missed were pruned (retention)", horizon)
-            if page and page[0].event_id <= horizon:
-                page = [e for e in page if e.event_id > horizon]
+            yield reset_message("events you missed were pruned (retention)", horizon), horizon
+            page = [e for e in page if e.event_id > horizon]
             after = horizon
         if page:
-            yield b"".join(e.frame for e in page)
             after = page[-1].event_id
-        yield after
+            yield b"".join(e.frame for e in page), after
         if len(page) < record.PAGE_SIZE:
             return
 
 
 def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_ms: int,
-                 backlog: Callable[[], Iterator[bytes | int]] | None = None) -> Iterator[bytes]:
-    """The bytes of one client's stream, from subscription to close."""
+                 last_event_id: int | None = None,
+                 backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None) -> Iterator[bytes]:
+    """The bytes of one client's stream, from subscription to close.
+
+    With ``last_event_id``, ``backlog(last_event_id)`` supplies what the client
+    missed, as (frames, id reached), before the live events.
+    """
     with hub.subscription(execution_id) as sub:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
@@ -124,14 +117,12 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
         yield sse.Message(retry=retry_ms).encode() + sse.comment("connected")
         # Subscribed before the backlog is read: an event committed meanwhile is
         # in the record or in the queue (or both: the seam drops ids already sent).
-        sent_up_to = 0
-        if backlog is not None:
+        sent_up_to = last_event_id or 0
+        if last_event_id is not None and backlog is not None:
             try:
-                for item in backlog():
-                    if isinstance(item, int):
-                        sent_up_to = item
-                    else:
-                        yield item
+                for frames, reached in backlog(last_event_id):
+                    yield frames
+                    sent_up_to = reached
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return

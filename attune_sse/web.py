@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -28,7 +29,7 @@ class AppState:
     pool: Pool
     hub: Hub
     listener: Listener
-    pruner: Any = None
+    pruner: gevent.Greenlet | None = None
 
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""
@@ -80,15 +81,24 @@ def optional_string(body: dict[str, Any], field: str, *, max_length: int = 1000)
     return value
 
 
+MAX_BIGINT = 2**63 - 1  # ids are PostgreSQL bigints
+
+
+def parse_int(raw: str, name: str, *, minimum: int = 1) -> int:
+    """A whole number from ``minimum`` to the bigint maximum, or 400 naming ``name``."""
+    raw = raw.strip()
+    if not raw.isdigit() or not minimum <= int(raw) <= MAX_BIGINT:
+        raise BadRequest(f"{name} must be a whole number >= {minimum}, got {raw[:40]!r}.",
+                         code="VALIDATION_ERROR")
+    return int(raw)
+
+
 def positive_int_arg(name: str, default: int | None = None, *, maximum: int | None = None) -> int | None:
     """A query-string integer >= 1, or 400."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < 1 or int(raw) > 2**63 - 1:
-        raise BadRequest(f"Query parameter '{name}' must be a positive integer, got {raw!r}.",
-                         code="VALIDATION_ERROR")
-    value = int(raw)
+    value = parse_int(raw, f"Query parameter '{name}'")
     if maximum is not None and value > maximum:
         raise BadRequest(f"Query parameter '{name}' must be at most {maximum}.", code="VALIDATION_ERROR")
     return value

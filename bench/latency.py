@@ -92,46 +92,48 @@ def main() -> None:
 
     stop = threading.Event()
     with start_stack(args.workers) as (server, database_url, token):
-        conn = psycopg2.connect(database_url)
-        conn.autocommit = True
-        cur = conn.cursor()
-        cur.execute("INSERT INTO attune.pack (ref, label) VALUES ('bench_pack', 'b') ON CONFLICT DO NOTHING")
-        cur.execute("""INSERT INTO attune.action (ref, pack, pack_ref, label)
-                       SELECT 'bench_pack.act', id, ref, 'a' FROM attune.pack WHERE ref = 'bench_pack'
-                       ON CONFLICT DO NOTHING""")
-        cur.execute("INSERT INTO attune.execution (action_ref) VALUES ('bench_pack.act') RETURNING id")
-        execution_id = cur.fetchone()[0]
+        try:
+            conn = psycopg2.connect(database_url)
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute("INSERT INTO attune.pack (ref, label) VALUES ('bench_pack', 'b') ON CONFLICT DO NOTHING")
+            cur.execute("""INSERT INTO attune.action (ref, pack, pack_ref, label)
+                           SELECT 'bench_pack.act', id, ref, 'a' FROM attune.pack WHERE ref = 'bench_pack'
+                           ON CONFLICT DO NOTHING""")
+            cur.execute("INSERT INTO attune.execution (action_ref) VALUES ('bench_pack.act') RETURNING id")
+            execution_id = cur.fetchone()[0]
 
-        sse_arrivals, raw_arrivals = Arrivals(), Arrivals()
-        ready = [threading.Event(), threading.Event()]
-        threading.Thread(target=read_sse, daemon=True, args=(
-            server.base_url + "/api/v1/executions/stream", token, execution_id, sse_arrivals, ready[0])).start()
-        threading.Thread(target=read_listen, daemon=True,
-                         args=(database_url, raw_arrivals, ready[1], stop)).start()
-        for event in ready:
-            event.wait(10)
+            sse_arrivals, raw_arrivals = Arrivals(), Arrivals()
+            ready = [threading.Event(), threading.Event()]
+            threading.Thread(target=read_sse, daemon=True, args=(
+                server.base_url + "/api/v1/executions/stream", token, execution_id, sse_arrivals, ready[0])).start()
+            threading.Thread(target=read_listen, daemon=True,
+                             args=(database_url, raw_arrivals, ready[1], stop)).start()
+            for event in ready:
+                event.wait(10)
 
-        rows: dict[str, list[float]] = {"raw LISTEN (baseline)": [], "attune-sse SSE client": []}
-        statuses = ["running", "completed"]
-        for i in range(args.updates):
-            cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (statuses[i % 2], execution_id))
-            committed = time.perf_counter()
-            cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
-            event_id = cur.fetchone()[0]
-            rows["raw LISTEN (baseline)"].append(raw_arrivals.wait(event_id, 10) - committed)
-            rows["attune-sse SSE client"].append(sse_arrivals.wait(event_id, 10) - committed)
-            time.sleep(0.01)  # a quiet machine between updates, as the issue asks
+            rows: dict[str, list[float]] = {"raw LISTEN (baseline)": [], "attune-sse SSE client": []}
+            statuses = ["running", "completed"]
+            for i in range(args.updates):
+                cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (statuses[i % 2], execution_id))
+                committed = time.perf_counter()
+                cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
+                event_id = cur.fetchone()[0]
+                rows["raw LISTEN (baseline)"].append(raw_arrivals.wait(event_id, 10) - committed)
+                rows["attune-sse SSE client"].append(sse_arrivals.wait(event_id, 10) - committed)
+                time.sleep(0.01)  # a quiet machine between updates, as the issue asks
 
-        base = statistics.median(rows["raw LISTEN (baseline)"])
-        print(f"\nUPDATE commit -> arrival, {args.updates} sequential updates, "
-              f"{args.workers} gevent workers, {os.cpu_count()} cores")
-        print(f"{'path':<24} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/baseline':>13}")
-        for name, values in rows.items():
-            ms = [v * 1000 for v in values]
-            print(f"{name:<24} {len(ms):>5} {statistics.median(ms):>8.2f} {percentile(ms, 0.9):>8.2f} "
-                  f"{percentile(ms, 0.99):>8.2f} {max(ms):>8.2f} {statistics.median(values) / base:>12.1f}x")
-        conn.close()
-        stop.set()
+            base = statistics.median(rows["raw LISTEN (baseline)"])
+            print(f"\nUPDATE commit -> arrival, {args.updates} sequential updates, "
+                  f"{args.workers} gevent workers, {os.cpu_count()} cores")
+            print(f"{'path':<24} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/baseline':>13}")
+            for name, values in rows.items():
+                ms = [v * 1000 for v in values]
+                print(f"{name:<24} {len(ms):>5} {statistics.median(ms):>8.2f} {percentile(ms, 0.9):>8.2f} "
+                      f"{percentile(ms, 0.99):>8.2f} {max(ms):>8.2f} {statistics.median(values) / base:>12.1f}x")
+            conn.close()
+        finally:
+            stop.set()  # ends the LISTEN reader thread
 
 
 @contextmanager

@@ -90,7 +90,7 @@ def db(database: Database) -> Iterator[Any]:
         conn.close()
 
 
-JWT_SECRET_CONFIG = {
+SECURITY_CONFIG = {
     "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,
     "jwt_refresh_expiration": 3600, "allow_registration": True,
 }
@@ -105,7 +105,7 @@ def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, A
             "workers": WORKERS, "sse_keepalive_seconds": 1, "graceful_timeout": 3,
             "cors_origins": ["http://localhost:3000"],
         },
-        "security": JWT_SECRET_CONFIG,
+        "security": SECURITY_CONFIG,
         "log": {"level": "info"},
         "listener": {"ping_interval": 1.0, "ping_timeout": 2.0, "reconnect_max_delay": 1.0},
     }
@@ -206,19 +206,14 @@ def set_status(db: Any) -> Any:
 
 
 @pytest.fixture
-def open_stream(server: ServerProcess, token: str) -> Iterator[Any]:
-    """A factory of SSE clients on the server; all are closed after the test."""
-    streams: list[Stream] = []
+def open_stream(server: ServerProcess, token: str) -> Any:
+    """A factory of SSE clients on the server (closed after the test by ``_close_leftover_streams``)."""
 
     def open_(**params: Any) -> Stream:
         params.setdefault("token", token)
-        stream = Stream(server.base_url + "/api/v1/executions/stream", params)
-        streams.append(stream)
-        return stream
+        return Stream(server.base_url + "/api/v1/executions/stream", params)
 
-    yield open_
-    for stream in streams:
-        stream.close()
+    return open_
 
 
 @pytest.fixture(autouse=True)
