@@ -27,12 +27,20 @@ wsgi_app = "attune_sse.app:create_app()"
 bind = [f"{_config['server.host']}:{_config['server.port']}"]
 workers = _config["server.workers"]
 worker_class = "gevent"
+# Streams are long-lived connections: 10,000 per worker by default (on_starting lifts
+# the open-file limit to match). A worker past it stops accepting, the others take over.
 worker_connections = _config["server.worker_connections"]
+# Room for a burst of reconnects (clients of a restarted instance); the kernel caps it at somaxconn.
+backlog = 4096
 # The app, and with it the LISTEN connection, is made in each worker after fork.
 preload_app = False
-# For gevent workers this is the heartbeat: a worker whose hub is blocked this
-# long (say, by an unpatched blocking call) is killed and replaced.
+# For gevent workers this is not a request timeout (streams last for hours): it is
+# the heartbeat. The worker's main greenlet notifies the master every second; a
+# worker whose event loop is blocked this long (an unpatched blocking call, a
+# runaway loop) is killed and replaced.
 timeout = 30
+# Streams end at once when a worker stops (post_worker_init), each with a retry:
+# spread over server.sse_reconnect_spread_ms; this only bounds a stuck request.
 graceful_timeout = _config["server.graceful_timeout"]
 keepalive = 5
 proc_name = "attune-sse"
@@ -46,6 +54,7 @@ logconfig_dict = serving.logging_config(_config)
 on_starting = serving.on_starting
 when_ready = serving.when_ready
 on_exit = serving.on_exit
+child_exit = serving.child_exit
 post_fork = serving.post_fork
 post_worker_init = serving.post_worker_init
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from prometheus_client import CollectorRegistry
 
 from . import api, auth, stream
 from .config import Config, load_config, log_level
@@ -17,6 +18,7 @@ from .db import Pool, resolve_url
 from .errors import NotReady
 from .hub import Hub
 from .listener import Listener
+from .metrics import Metrics
 from .retention import start_pruner
 from .web import EXTENSION, AppState, register_error_handlers, state
 
@@ -57,11 +59,13 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
         reconnect_max_delay=config["listener.reconnect_max_delay"],
     )
     pool = Pool(url, config["database.pool_size"])
-    pruner = None
+    metrics = Metrics(hub, listener, CollectorRegistry())
+    background = []
     if start_listener:
         listener.start()
-        pruner = start_pruner(pool, config)
-    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener, pruner=pruner)
+        background = [g for g in (start_pruner(pool, config), metrics.start()) if g is not None]
+    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener,
+                                         metrics=metrics, background=background)
 
     register_error_handlers(app)
     auth.init_app(app, config)
@@ -69,6 +73,7 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.register_blueprint(stream.bp)
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
+    app.add_url_rule("/metrics", view_func=lambda: state().metrics.response())
     _init_cors(app, config["server.cors_origins"])
 
     return app
@@ -100,6 +105,7 @@ def readyz() -> Any:
             "received": listener.received,
             "caught_up": listener.caught_up,
             "reconnects": listener.reconnects,
+            "lag_seconds": listener.lag,
         },
         "streams": len(app_state.hub),
         "hub": dataclasses.asdict(app_state.hub.stats),

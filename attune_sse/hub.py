@@ -2,14 +2,16 @@
 
 Each subscriber owns a gevent queue. ``publish`` never waits: a subscriber whose
 queue already holds ``max_pending`` events is closed with reason ``overflow``
-(its client reconnects), so one slow reader costs the others nothing.
+and its ``on_overflow`` callback runs (the stream view drops the connection: a
+client that does not read cannot be sent a goodbye), so one slow reader costs
+the others nothing; it reconnects with Last-Event-ID and misses nothing.
 No Flask and no psycopg2 here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,19 +27,21 @@ CLOSED = object()
 
 @dataclass
 class HubStats:
-    published: int = 0
-    delivered: int = 0
-    overflows: int = 0
+    published: int = 0  # events the listener handed to the hub
+    delivered: int = 0  # (event, subscriber) pairs queued
+    sent: int = 0  # (event, subscriber) pairs written to a client by the stream view
+    overflows: int = 0  # slow clients disconnected
     subscribed_total: int = 0
 
 
 class Subscription:
     """One client's place in the hub: its queue and its filter."""
 
-    __slots__ = ("_queue", "execution_id", "reason")
+    __slots__ = ("_queue", "execution_id", "on_overflow", "reason")
 
-    def __init__(self, execution_id: int | None) -> None:
+    def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None) -> None:
         self.execution_id = execution_id
+        self.on_overflow = on_overflow
         self.reason: str | None = None  # why it was closed, once it is
         # Unbounded on purpose: the hub enforces the bound, so CLOSED always fits.
         self._queue: Queue = Queue()
@@ -93,9 +97,10 @@ class Hub:
     def closed(self) -> bool:
         return self._closed
 
-    def subscribe(self, execution_id: int | None = None) -> Subscription:
+    def subscribe(self, execution_id: int | None = None,
+                  on_overflow: Callable[[], None] | None = None) -> Subscription:
         """Register a subscriber; events published from now on reach it."""
-        sub = Subscription(execution_id)
+        sub = Subscription(execution_id, on_overflow)
         if self._closed:
             sub._close("shutdown")
             return sub
@@ -119,9 +124,10 @@ class Hub:
         sub._close(reason)
 
     @contextmanager
-    def subscription(self, execution_id: int | None = None) -> Iterator[Subscription]:
+    def subscription(self, execution_id: int | None = None,
+                     on_overflow: Callable[[], None] | None = None) -> Iterator[Subscription]:
         """``subscribe`` for the length of a ``with`` block, removed however it ends."""
-        sub = self.subscribe(execution_id)
+        sub = self.subscribe(execution_id, on_overflow)
         try:
             yield sub
         finally:
@@ -153,6 +159,11 @@ class Hub:
                 "it can reconnect", sub.pending,
             )
             self.unsubscribe(sub, "overflow")
+            if sub.on_overflow is not None:
+                try:
+                    sub.on_overflow()
+                except Exception:
+                    log.exception("on_overflow of a slow SSE client failed")
         return delivered
 
     def close(self, reason: str = "shutdown") -> int:

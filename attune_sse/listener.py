@@ -14,6 +14,7 @@ After a reconnect the listener reads the events it missed from
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import time
@@ -60,6 +61,8 @@ class Listener:
         self.received = 0
         self.caught_up = 0
         self.last_event_id: int | None = None
+        # Seconds from the trigger (the payload's timestamp) to this listener, for the last notification.
+        self.lag: float | None = None
         self.backend_pid: int | None = None
         self._connected = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
@@ -148,6 +151,7 @@ class Listener:
                 continue
             if self._seen(doc["event_id"]):
                 continue  # published already, by the catch-up after a reconnect
+            self._measure_lag(doc.get("timestamp"))
             if doc.get("truncated"):
                 event = self._read_event(conn, doc["event_id"])
             else:
@@ -179,6 +183,13 @@ class Listener:
         if caught_up:
             self.caught_up += caught_up
             log.warning("listener: caught up %d event(s) missed while disconnected", caught_up)
+
+    def _measure_lag(self, timestamp: Any) -> None:
+        try:
+            fired = dt.datetime.fromisoformat(timestamp)
+        except (TypeError, ValueError):
+            return
+        self.lag = max(0.0, time.time() - fired.timestamp())
 
     def _seen(self, event_id: int) -> bool:
         # Event ids follow commit order (the trigger's lock), and so does NOTIFY:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .config import ENV_PREFIX, Config, load_config
@@ -19,6 +23,9 @@ log = logging.getLogger(__name__)
 _URL_ENV = ENV_PREFIX + "DATABASE__URL"
 # The master's embedded server, from on_starting to on_exit (hooks get no place of their own for it).
 _embedded: dict[str, Any] = {}
+# Set in on_starting, before any worker imports prometheus_client (see metrics.py).
+_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_metrics_dir: dict[str, Path] = {}
 
 
 def logging_config(config: Config) -> dict[str, Any]:
@@ -44,8 +51,10 @@ def logging_config(config: Config) -> dict[str, Any]:
 
 
 def on_starting(server: Any) -> None:
-    """Master, before any worker: start the embedded database and migrate."""
+    """Master, before any worker: file limits, metrics folder, embedded database, migrations."""
     config = load_config()
+    _raise_open_file_limit(config["server.worker_connections"] + 1000)
+    _prepare_metrics_dir()
     url, embedded = start_database(config)
     if embedded is not None:
         _embedded["server"] = embedded
@@ -70,6 +79,42 @@ def on_exit(server: Any) -> None:
     embedded = _embedded.pop("server", None)
     if embedded is not None:
         embedded.stop()
+    owned = _metrics_dir.pop("owned", None)
+    if owned is not None:
+        shutil.rmtree(owned, ignore_errors=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, a worker has exited: its live gauges (open streams...) leave /metrics."""
+    from .metrics import worker_exited
+
+    worker_exited(worker.pid)
+
+
+def _raise_open_file_limit(wanted: int) -> None:
+    """Every stream is a socket: lift the soft open-file limit toward worker_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("open-file limit is %d, below server.worker_connections (%d): raise it (ulimit -n) "
+                    "or a worker will refuse streams", soft, wanted - 1000)
+
+
+def _prepare_metrics_dir() -> None:
+    """prometheus_client's multiprocess folder: the operator's (emptied) or a private one."""
+    given = os.environ.get(_METRICS_ENV)
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):  # what a previous run left would be summed in
+            stale.unlink()
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="attune-sse-metrics-"))
+        _metrics_dir["owned"] = folder
+        os.environ[_METRICS_ENV] = str(folder)
 
 
 def post_fork(server: Any, worker: Any) -> None:

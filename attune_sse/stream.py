@@ -9,11 +9,13 @@ the event record, then the live events, and leaves the hub however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import random
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,11 +52,37 @@ def execution_stream() -> Any:
         execution_id,
         keepalive=config["server.sse_keepalive_seconds"],
         retry_ms=config["server.sse_retry_ms"],
+        reconnect_spread_ms=config["server.sse_reconnect_spread_ms"],
         last_event_id=last_event_id,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
+        connection=Connection(request.environ.get("gunicorn.socket")),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     return Response(body, mimetype="text/event-stream", headers=headers)
+
+
+class Connection:
+    """The client's socket (gunicorn puts it in the environ; None elsewhere)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+
+    def drop(self) -> None:
+        """For a client that does not read: its pending write fails at once and gunicorn closes the socket."""
+        self._shutdown(socket.SHUT_RDWR)
+
+    def last_response(self) -> None:
+        """A stream is its connection's last response: once it ends, gunicorn closes the
+        connection instead of holding it open for another request (which would keep a
+        stopping worker waiting for its graceful timeout)."""
+        self._shutdown(socket.SHUT_RD)
+
+    def _shutdown(self, how: int) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):  # the client is gone already
+                self.sock.shutdown(how)
 
 
 def _last_event_id() -> int | None:
@@ -103,14 +131,21 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[t
 
 
 def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_ms: int,
+                 reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
-                 backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None) -> Iterator[bytes]:
+                 backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None,
+                 connection: Connection | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
     With ``last_event_id``, ``backlog(last_event_id)`` supplies what the client
-    missed, as (frames, id reached), before the live events.
+    missed, as (frames, id reached), before the live events. When the stream
+    ends, its ``retry:`` is ``retry_ms`` plus a random share of
+    ``reconnect_spread_ms``, so the clients of a stopping worker come back
+    spread out instead of all at once.
     """
-    with hub.subscription(execution_id) as sub:
+    connection = connection or Connection(None)
+    stats = hub.stats
+    with hub.subscription(execution_id, on_overflow=connection.drop) as sub:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
         # and sends the headers, so the client knows it is subscribed.
@@ -138,8 +173,10 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
                 if not batch:
                     continue
             # What piled up while the client was busy leaves in one write.
-            yield b"".join(event.frame for event in batch)
+            yield batch[0].frame if len(batch) == 1 else b"".join(event.frame for event in batch)
+            stats.sent += len(batch)
         log.debug("stream ended (%s)", sub.reason)
+        connection.last_response()
         # Spread the reconnects of many clients instead of a storm.
-        jitter = int(retry_ms * random.uniform(0.5, 1.5))
-        yield sse.Message(retry=jitter).encode() + sse.comment(f"stream closed: {sub.reason}")
+        retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
+        yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")

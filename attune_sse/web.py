@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
@@ -15,6 +15,7 @@ from .db import Pool
 from .errors import ApiError, BadRequest
 from .hub import Hub
 from .listener import Listener
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +30,15 @@ class AppState:
     pool: Pool
     hub: Hub
     listener: Listener
-    pruner: gevent.Greenlet | None = None
+    metrics: Metrics
+    background: list[gevent.Greenlet] = field(default_factory=list)  # the pruner, the metrics sync
 
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""
         open_streams = self.hub.close(reason)
         self.listener.stop()
-        if self.pruner is not None:
-            self.pruner.kill(block=False)
+        for greenlet in self.background:
+            greenlet.kill(block=False)
         self.pool.close()
         return open_streams
 

@@ -11,6 +11,6 @@ stamp=.venv/.attune-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     echo "bootstrap: installing attune-sse and its dependencies into .venv"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[test,style]'
+    .venv/bin/python -m pip install --quiet -e '.[test,style,bench]'
     touch "$stamp"
 fi

@@ -184,8 +184,8 @@ def test_health_and_readiness(server: Any) -> None:
     ready = requests.get(server.base_url + "/readyz", timeout=5).json()["data"]
     assert ready["status"] == "ready"
     assert isinstance(ready["listener_backend_pid"], int)
-    assert set(ready["listener"]) == {"last_event_id", "received", "caught_up", "reconnects"}
-    assert set(ready["hub"]) == {"published", "delivered", "overflows", "subscribed_total"}
+    assert set(ready["listener"]) == {"last_event_id", "received", "caught_up", "reconnects", "lag_seconds"}
+    assert set(ready["hub"]) == {"published", "delivered", "sent", "overflows", "subscribed_total"}
 
 
 def test_cors_only_for_configured_origins(server: Any, token: str) -> None:

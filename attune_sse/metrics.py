@@ -1,0 +1,109 @@
+"""``/metrics`` in the Prometheus text format, with prometheus_client.
+
+The hot path (hub, listener, stream view) only bumps plain integers. A greenlet
+per worker copies them into prometheus_client metrics once a second, and again
+on each scrape of that worker, so counting costs nothing per event.
+
+Under gunicorn several workers answer ``/metrics``; prometheus_client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``serving.on_starting``
+sets) sums them, so any worker's answer covers the whole instance. Without that
+variable (an app made in a test) the metrics of this process are served.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import gevent
+from flask import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
+
+from .hub import Hub
+from .listener import Listener
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SYNC_INTERVAL = 1.0
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+@dataclass
+class Metrics:
+    """This worker's Prometheus metrics, fed from the hub's and the listener's counters."""
+
+    hub: Hub
+    listener: Listener
+    registry: CollectorRegistry | None = None
+    _last: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # In multiprocess mode values live in files, summed at scrape time: no registry here.
+        reg = None if multiprocess_mode() else self.registry
+        self.streams = Gauge("attune_sse_open_streams", "SSE streams open now",
+                             multiprocess_mode="livesum", registry=reg)
+        self.listeners = Gauge("attune_sse_listener_connected", "workers whose LISTEN connection is up",
+                               multiprocess_mode="livesum", registry=reg)
+        self.lag = Gauge("attune_sse_listener_lag_seconds",
+                         "seconds from the trigger to the listener, for the last notification received",
+                         multiprocess_mode="livemax", registry=reg)
+        self.last_event = Gauge("attune_sse_listener_last_event_id", "id of the last event published",
+                                multiprocess_mode="livemax", registry=reg)
+        self.counters = {
+            "received": Counter("attune_sse_events_received", "events the listeners published to their hubs",
+                                registry=reg),
+            "caught_up": Counter("attune_sse_events_caught_up",
+                                 "events read from the record after a listener reconnect", registry=reg),
+            "delivered": Counter("attune_sse_events_delivered", "event deliveries written to SSE clients",
+                                 registry=reg),
+            "overflows": Counter("attune_sse_queue_drops",
+                                 "slow SSE clients disconnected because their queue was full", registry=reg),
+            "subscribed": Counter("attune_sse_streams_opened", "SSE streams opened", registry=reg),
+            "reconnects": Counter("attune_sse_listener_reconnects", "LISTEN connections re-established",
+                                  registry=reg),
+        }
+
+    def _values(self) -> dict[str, int]:
+        stats, listener = self.hub.stats, self.listener
+        return {
+            "received": listener.received, "caught_up": listener.caught_up, "delivered": stats.sent,
+            "overflows": stats.overflows, "subscribed": stats.subscribed_total, "reconnects": listener.reconnects,
+        }
+
+    def sync(self) -> None:
+        """Copy the counters' growth since the last sync into the metrics."""
+        for name, value in self._values().items():
+            grown = value - self._last.get(name, 0)
+            if grown > 0:
+                self.counters[name].inc(grown)
+            self._last[name] = value
+        self.streams.set(len(self.hub))
+        self.listeners.set(1 if self.listener.connected else 0)
+        if self.listener.lag is not None:
+            self.lag.set(self.listener.lag)
+        if self.listener.last_event_id is not None:
+            self.last_event.set(self.listener.last_event_id)
+
+    def start(self) -> gevent.Greenlet:
+        def run() -> None:
+            while True:
+                self.sync()
+                gevent.sleep(SYNC_INTERVAL)
+        return gevent.spawn(run)
+
+    def response(self) -> Response:
+        self.sync()
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn ``child_exit``: a dead worker's live gauges leave the sums."""
+    if multiprocess_mode():
+        multiprocess.mark_process_dead(pid)
