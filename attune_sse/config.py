@@ -109,6 +109,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds without events before a ': keep-alive' comment"),
     Setting("server.sse_queue_size", 1000, _number(1, 1_000_000, integer=True),
             "events a slow client may have pending before it is disconnected"),
+    Setting("server.sse_send_buffer_bytes", 0, _number(0, 64 * 1024 * 1024, integer=True),
+            "kernel send buffer of each stream's socket (0: the kernel's autotuning, up to net.ipv4.tcp_wmem)"),
     Setting("server.sse_retry_ms", 3000, _number(0, 600_000, integer=True),
             "reconnect delay the stream suggests to EventSource"),
     Setting("server.sse_reconnect_spread_ms", 5000, _number(0, 600_000, integer=True),

@@ -55,7 +55,7 @@ def execution_stream() -> Any:
         reconnect_spread_ms=config["server.sse_reconnect_spread_ms"],
         last_event_id=last_event_id,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
-        connection=Connection(request.environ.get("gunicorn.socket")),
+        connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"]),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     return Response(body, mimetype="text/event-stream", headers=headers)
@@ -66,8 +66,12 @@ class Connection:
 
     __slots__ = ("sock",)
 
-    def __init__(self, sock: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket | None, send_buffer: int = 0) -> None:
         self.sock = sock
+        if sock is not None and send_buffer:
+            # A fixed kernel send buffer bounds what a stalled client can hold in the
+            # kernel, and makes it overflow its queue sooner (the kernel doubles the value).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
 
     def drop(self) -> None:
         """For a client that does not read: its pending write fails at once and gunicorn closes the socket."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,14 +75,18 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def is_ready(self) -> bool:
+        """/readyz answers 200 and /metrics counts a connected listener for every worker of this instance."""
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
             raise RuntimeError(f"gunicorn exited with {code}:\n{self.log()[-3000:]}")
         try:
-            ok = requests.get(self.base_url + "/readyz", timeout=2).status_code == 200
+            if requests.get(self.base_url + "/readyz", timeout=2).status_code != 200:
+                return False
+            metrics = requests.get(self.base_url + "/metrics", timeout=2).text
         except requests.ConnectionError:
             return False
-        return ok and len(listener_pids(self.database_url)) >= self.workers
+        match = re.search(r"^attune_sse_listener_connected (\S+)$", metrics, re.MULTILINE)
+        return match is not None and float(match.group(1)) >= self.workers
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ import sseclient
 
 _END = object()
 # Every Stream opened, so a fixture can close what a failed test left open.
-OPEN_STREAMS: list[Stream] = []
+OPEN_STREAMS: list[Stream | RawStream] = []
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -119,3 +121,67 @@ class Api:
 
     def patch(self, path: str, **kwargs: Any) -> requests.Response:
         return self.request("PATCH", path, **kwargs)
+
+
+class RawStream:
+    """An SSE request on a bare socket, for clients that misbehave: one that never reads.
+
+    ``body()`` decodes the chunked transfer encoding of what was read and tells
+    whether the server ended the response cleanly (the final empty chunk).
+    """
+
+    def __init__(self, base_url: str, params: dict[str, Any], *, receive_buffer: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        host, port = base_url.removeprefix("http://").split(":")
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        OPEN_STREAMS.append(self)
+        if receive_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(10)
+        self.sock.connect((host, int(port)))
+        lines = [f"GET /api/v1/executions/stream?{urllib.parse.urlencode(params)} HTTP/1.1",
+                 f"Host: {host}:{port}", "Accept: text/event-stream"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.data = b""
+
+    def read_until_closed(self, timeout: float) -> bool:
+        """Read until the server closes the connection (True) or ``timeout`` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return False
+            except ConnectionResetError:
+                return True
+            if not chunk:
+                return True
+            self.data += chunk
+        return False
+
+    def body(self) -> tuple[bytes, bool]:
+        """(the SSE bytes received, whether the response ended with the final empty chunk)."""
+        head, _, rest = self.data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        out = []
+        while rest:
+            size_line, sep, rest = rest.partition(b"\r\n")
+            if not sep:
+                break
+            size = int(size_line, 16)
+            if size == 0:
+                return b"".join(out), True
+            out.append(rest[:size])
+            rest = rest[size + 2:]
+        return b"".join(out), False
+
+    def event_ids(self) -> list[int]:
+        """Ids of the complete events received (an event cut short by a dropped connection is not one)."""
+        text = self.body()[0].decode(errors="replace")
+        complete = text[: text.rfind("\n\n") + 2]
+        return [int(line[4:]) for line in complete.splitlines() if line.startswith("id: ")]
+
+    def close(self) -> None:
+        self.sock.close()
