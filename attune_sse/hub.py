@@ -1,6 +1,6 @@
 """Fan-out of execution events to the SSE clients of one worker process.
 
-Each subscriber owns a gevent queue. ``publish`` never waits: a subscriber whose
+Each subscriber owns a list of pending events. ``publish`` never waits: a subscriber whose
 queue already holds ``max_pending`` events is closed with reason ``overflow``
 and its ``on_overflow`` callback runs (the stream view drops the connection: a
 client that does not read cannot be sent a goodbye), so one slow reader costs
@@ -15,15 +15,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from gevent.queue import Empty, Queue
+from gevent.hub import Waiter, get_hub
 
 from .event import ExecutionEvent
 
 log = logging.getLogger(__name__)
-
-# Put in a queue to tell its reader the subscription has ended.
-CLOSED = object()
-
 
 @dataclass
 class HubStats:
@@ -35,49 +31,60 @@ class HubStats:
 
 
 class Subscription:
-    """One client's place in the hub: its queue and its filter."""
+    """One client's place in the hub: the events pending for it, and its filter.
 
-    __slots__ = ("_queue", "execution_id", "on_overflow", "reason")
+    Lighter than a gevent ``Queue`` (thousands are held per worker): a list the
+    hub appends to, and the ``Waiter`` of the writer when it sleeps, woken once
+    per batch of events rather than once per event.
+    """
+
+    __slots__ = ("_pending", "_waiter", "execution_id", "on_overflow", "reason")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None) -> None:
         self.execution_id = execution_id
         self.on_overflow = on_overflow
         self.reason: str | None = None  # why it was closed, once it is
-        # Unbounded on purpose: the hub enforces the bound, so CLOSED always fits.
-        self._queue: Queue = Queue()
+        # Unbounded here: the hub enforces the bound (server.sse_queue_size).
+        self._pending: list[ExecutionEvent] = []
+        self._waiter: Waiter | None = None
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     def next_batch(self, timeout: float) -> list[ExecutionEvent] | None:
-        """Wait up to ``timeout`` s; return the events pending ([] if none came), or None once closed."""
-        try:
-            first = self._queue.get(timeout=timeout)
-        except Empty:
-            return []
-        batch: list[ExecutionEvent] = []
-        item = first
-        while True:
-            if item is CLOSED:
-                # Deliver what came before the close, then end on the next call.
-                if batch:
-                    self._queue.put(CLOSED)
-                    return batch
-                return None
-            batch.append(item)
+        """Wait up to ``timeout`` s; return the events pending ([] if none came), or None once closed.
+
+        Events queued before a close are still returned; the call after them returns None.
+        """
+        if not self._pending and self.reason is None and timeout > 0:
+            waiter = self._waiter = Waiter()
+            timer = get_hub().loop.timer(timeout)
+            timer.start(waiter.switch, None)
             try:
-                item = self._queue.get_nowait()
-            except Empty:
-                return batch
+                waiter.get()
+            finally:
+                timer.close()
+                self._waiter = None
+        if self._pending:
+            batch, self._pending = self._pending, []
+            return batch
+        return None if self.reason is not None else []
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None  # one wake-up per wait, however many events arrive before it runs
+            get_hub().loop.run_callback(waiter.switch, None)
 
     def _offer(self, event: ExecutionEvent) -> None:
-        self._queue.put_nowait(event)
+        self._pending.append(event)
+        self._wake()
 
     def _close(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            self._queue.put_nowait(CLOSED)
+            self._wake()
 
 
 class Hub:

@@ -58,7 +58,9 @@ def execution_stream() -> Any:
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"]),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
-    return Response(body, mimetype="text/event-stream", headers=headers)
+    # direct_passthrough: gunicorn iterates the generator itself, without werkzeug's
+    # encoding and closing wrappers, so a held stream costs less stack and memory.
+    return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
 
 
 class Connection:
@@ -149,7 +151,9 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
     """
     connection = connection or Connection(None)
     stats = hub.stats
-    with hub.subscription(execution_id, on_overflow=connection.drop) as sub:
+    # try/finally rather than ``with hub.subscription()``: one object less per held stream.
+    sub = hub.subscribe(execution_id, on_overflow=connection.drop)
+    try:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
         # and sends the headers, so the client knows it is subscribed.
@@ -184,3 +188,5 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
         # Spread the reconnects of many clients instead of a storm.
         retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
         yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
+    finally:
+        hub.unsubscribe(sub)

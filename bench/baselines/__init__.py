@@ -1,0 +1,1 @@
+"""The designs bench/scale.py runs beside attune-sse, as a user might otherwise build the stream."""
