@@ -63,7 +63,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     background = []
     if start_listener:
         listener.start()
-        background = [g for g in (start_pruner(pool, config), metrics.start()) if g is not None]
+        keepalive = hub.start_keepalive(config["server.sse_keepalive_seconds"])
+        background = [g for g in (start_pruner(pool, config), metrics.start(), keepalive) if g is not None]
     app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener,
                                          metrics=metrics, background=background)
 

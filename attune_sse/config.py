@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
             "open connections (streams included) each worker holds"),
     Setting("server.cors_origins", [], _string_list, "origins allowed to call the API from a browser"),
     Setting("server.sse_keepalive_seconds", 15, _number(0.05, 3600),
-            "seconds without events before a ': keep-alive' comment"),
+            "a stream quiet this long gets a ': keep-alive' comment (within one to two periods)"),
     Setting("server.sse_queue_size", 1000, _number(1, 1_000_000, integer=True),
             "events a slow client may have pending before it is disconnected"),
     Setting("server.sse_send_buffer_bytes", 0, _number(0, 64 * 1024 * 1024, integer=True),

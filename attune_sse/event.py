@@ -26,12 +26,15 @@ class ExecutionEvent:
     entity_id: int
     payload: str
     frame: bytes = field(repr=False)
+    # The frame as one HTTP/1.1 chunk, for the hub's direct writes (see hub.py).
+    chunk: bytes = field(repr=False, default=b"")
 
     @classmethod
     def from_parts(cls, event_id: int, entity_id: int, payload: str) -> ExecutionEvent:
         # The payload is one line already: JSON escapes every line break in strings.
         frame = Message(data=payload, id=event_id).encode()
-        return cls(event_id=event_id, entity_id=entity_id, payload=payload, frame=frame)
+        chunk = b"%X\r\n%s\r\n" % (len(frame), frame)
+        return cls(event_id=event_id, entity_id=entity_id, payload=payload, frame=frame, chunk=chunk)
 
 
 def parse_notification(payload: str) -> dict[str, Any]:

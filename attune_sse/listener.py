@@ -1,7 +1,7 @@
 """The LISTEN greenlet: PostgreSQL notifications in, hub publications out.
 
 One per worker process. It owns its connection (autocommit, never shared),
-waits with ``select()`` made cooperative by gevent, drains ``conn.notifies``,
+waits with ``poll()`` made cooperative by gevent, drains ``conn.notifies``,
 and turns each payload into an ``ExecutionEvent`` for the hub.
 
 Faults: a lost connection is retried with capped exponential backoff and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import select
 import time
 from typing import Any
 
@@ -101,7 +102,10 @@ class Listener:
                 self._catch_up(conn)
                 self._connected.set()
                 self._serve(conn)
-            except (psycopg2.Error, OSError, PingTimeout) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (psycopg2.Error, OSError, PingTimeout)):
+                    # A bug, not a network fault: say so loudly, but keep the worker's stream alive.
+                    log.exception("listener: unexpected error; reconnecting")
                 attempt += 1
                 delay = min(self.reconnect_max_delay, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
                 log.warning(
@@ -124,8 +128,12 @@ class Listener:
     def _serve(self, conn: Any) -> None:
         """Wait for notifications until the connection fails (raises) or the greenlet is killed."""
         quiet_since = time.monotonic()
+        # poll(), not select(): with thousands of streams open, a reconnect's socket
+        # gets a descriptor above select()'s limit of 1024.
+        poller = gevent.select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
         while True:
-            ready, _, _ = gevent.select.select([conn], [], [], self.ping_interval)
+            ready = poller.poll(self.ping_interval * 1000)
             if ready:
                 conn.poll()
                 quiet_since = time.monotonic()
@@ -140,24 +148,34 @@ class Listener:
             cur.execute("SELECT 1")
 
     def _drain(self, conn: Any) -> None:
-        while conn.notifies:
-            notify = conn.notifies.pop(0)
-            if notify.channel != CHANNEL:
-                continue
-            try:
-                doc = parse_notification(notify.payload)
-            except PayloadError as exc:
-                log.error("listener: ignoring a malformed notification (%s): %.200s", exc, notify.payload)
-                continue
-            if self._seen(doc["event_id"]):
-                continue  # published already, by the catch-up after a reconnect
-            self._measure_lag(doc.get("timestamp"))
-            if doc.get("truncated"):
-                event = self._read_event(conn, doc["event_id"])
-            else:
-                event = ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
-            if event is not None:
-                self._publish(event)
+        """Publish what arrived, as one batch (see Hub.publish_batch)."""
+        batch: list[ExecutionEvent] = []
+        while conn.notifies:  # a truncated payload's query may bring more
+            notifies = conn.notifies[:]
+            del conn.notifies[:]
+            for notify in notifies:
+                self._take(conn, notify, batch)
+        self.hub.publish_batch(batch)
+
+    def _take(self, conn: Any, notify: Any, batch: list[ExecutionEvent]) -> None:
+        """Parse one notification and add its event to ``batch``, unless it is a repeat."""
+        if notify.channel != CHANNEL:
+            return
+        try:
+            doc = parse_notification(notify.payload)
+        except PayloadError as exc:
+            log.error("listener: ignoring a malformed notification (%s): %.200s", exc, notify.payload)
+            return
+        if self._seen(doc["event_id"]):
+            return  # published already, by the catch-up after a reconnect
+        self._measure_lag(doc.get("timestamp"))
+        if doc.get("truncated"):
+            event = self._read_event(conn, doc["event_id"])
+        else:
+            event = ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
+        if event is not None:
+            self._seen_up_to(event)
+            batch.append(event)
 
     def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
         """The whole event from the table, for payloads too large for NOTIFY."""
@@ -176,7 +194,8 @@ class Listener:
             with conn.cursor() as cur:
                 page = record.events_after(cur, self.last_event_id)
             for event in page:
-                self._publish(event)
+                self._seen_up_to(event)
+            self.hub.publish_batch(page)
             caught_up += len(page)
             if len(page) < record.PAGE_SIZE:
                 break
@@ -196,10 +215,9 @@ class Listener:
         # an id at or below the last one published is a repeat, never a late event.
         return self.last_event_id is not None and event_id <= self.last_event_id
 
-    def _publish(self, event: ExecutionEvent) -> None:
+    def _seen_up_to(self, event: ExecutionEvent) -> None:
         self.received += 1
         self.last_event_id = event.event_id
-        self.hub.publish(event)
 
 
 def _one_line(exc: BaseException) -> str:

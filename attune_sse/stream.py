@@ -50,12 +50,12 @@ def execution_stream() -> Any:
     body = event_stream(
         app_state.hub,
         execution_id,
-        keepalive=config["server.sse_keepalive_seconds"],
         retry_ms=config["server.sse_retry_ms"],
         reconnect_spread_ms=config["server.sse_reconnect_spread_ms"],
         last_event_id=last_event_id,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
-        connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"]),
+        connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
+                              chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     # direct_passthrough: gunicorn iterates the generator itself, without werkzeug's
@@ -66,10 +66,13 @@ def execution_stream() -> Any:
 class Connection:
     """The client's socket (gunicorn puts it in the environ; None elsewhere)."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("fd", "sock")
 
-    def __init__(self, sock: socket.socket | None, send_buffer: int = 0) -> None:
+    def __init__(self, sock: socket.socket | None, send_buffer: int = 0, *, chunked: bool = False) -> None:
         self.sock = sock
+        # gunicorn frames an HTTP/1.1 stream as chunks: then the hub may write
+        # ready-made chunks to the socket itself (hub.py, "Direct writes").
+        self.fd = sock.fileno() if sock is not None and chunked else None
         if sock is not None and send_buffer:
             # A fixed kernel send buffer bounds what a stalled client can hold in the
             # kernel, and makes it overflow its queue sooner (the kernel doubles the value).
@@ -78,6 +81,14 @@ class Connection:
     def drop(self) -> None:
         """For a client that does not read: its pending write fails at once and gunicorn closes the socket."""
         self._shutdown(socket.SHUT_RDWR)
+
+    def send_raw(self, data: bytes) -> bool:
+        """Finish a chunk the hub began writing, bypassing gunicorn (it is framed already)."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        return True
 
     def last_response(self) -> None:
         """A stream is its connection's last response: once it ends, gunicorn closes the
@@ -136,7 +147,7 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[t
             return
 
 
-def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_ms: int,
+def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
                  backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None,
@@ -152,7 +163,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
     connection = connection or Connection(None)
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
-    sub = hub.subscribe(execution_id, on_overflow=connection.drop)
+    sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd)
     try:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
@@ -169,12 +180,17 @@ def event_stream(hub: Hub, execution_id: int | None, *, keepalive: float, retry_
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return
+        sub.skip_through = sent_up_to
         while True:
-            batch = sub.next_batch(keepalive)
+            batch = sub.next_batch()  # [] on the hub's keep-alive tick, or after a partial direct write
+            raw = sub.take_raw()
+            if raw and not connection.send_raw(raw):
+                return  # the client is gone
             if batch is None:
                 break
             if not batch:
-                yield sse.KEEPALIVE
+                if not raw:
+                    yield sse.KEEPALIVE
                 continue
             if sent_up_to:
                 batch = [e for e in batch if e.event_id > sent_up_to]

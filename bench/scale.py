@@ -54,6 +54,7 @@ from attune_sse.testing import ServerProcess  # noqa: E402
 SECRET = "benchmark-secret-benchmark-secret-0123456789"
 P99_LIMIT = 0.100  # saturation: the highest rate whose p99 stays under this, with nothing lost
 EXECUTIONS = 200  # updates go round-robin over this many executions
+WARMUP_SECONDS = 3
 
 
 def log(message: str) -> None:
@@ -70,6 +71,15 @@ def pss(pids: list[int]) -> int:
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += psutil.Process(pid).memory_full_info().pss
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
     return total
 
 
@@ -108,11 +118,15 @@ class LoadClients:
                 errors[name] = errors.get(name, 0) + count
         return sum(r["opened"] for r in replies), errors
 
-    def stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"statuses": {}}
         for reply in self.ask({"cmd": "stats"}):
-            for name, count in reply.items():
-                total[name] = total.get(name, 0) + count
+            for name, value in reply.items():
+                if name == "statuses":
+                    for status, count in value.items():
+                        total["statuses"][status] = total["statuses"].get(status, 0) + count
+                else:
+                    total[name] = total.get(name, 0) + value
         return total
 
     def collect(self, commits: dict[int, float], work: Path) -> tuple[list[float], int, int]:
@@ -203,6 +217,7 @@ class System:
     stream_url: str
     master_pid: int
     stop: Callable[[], None]
+    log_path: Path | None = None
     extra_pids: Callable[[], list[int]] = field(default=lambda: [])  # the backing store's processes
     sigterm: Callable[[], float] | None = None
 
@@ -210,8 +225,8 @@ class System:
 def gunicorn(app: str, port: int, env: dict[str, str], work: Path, name: str) -> subprocess.Popen:
     log_file = open(work / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2", "--worker-connections", "12000",
-         "--graceful-timeout", "3", "--log-level", "warning", "-b", f"127.0.0.1:{port}", app],
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench" / "baselines" / "gunicorn.conf.py"),
+         "-b", f"127.0.0.1:{port}", app],
         cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
@@ -259,7 +274,7 @@ def start_attune(database_url: str, work: Path, token_holder: dict) -> System:
         return time.monotonic() - started
 
     return System("attune-sse", f"{server.base_url}/api/v1/executions/stream?token={token_holder['token']}",
-                  server.process.pid, lambda: server.stop(), sigterm=sigterm)
+                  server.process.pid, lambda: server.stop(), log_path=server.log_path, sigterm=sigterm)
 
 
 def start_naive(database_url: str, work: Path, postgres_pids: Callable[[], list[int]]) -> System:
@@ -267,7 +282,7 @@ def start_naive(database_url: str, work: Path, postgres_pids: Callable[[], list[
     proc = gunicorn("bench.baselines.naive_listen:create_app()", port, {"BENCH_DATABASE_URL": database_url},
                     work, "naive")
     return System("naive LISTEN", f"http://127.0.0.1:{port}/stream", proc.pid, lambda: stop_process(proc),
-                  extra_pids=postgres_pids)
+                  log_path=work / "naive.log", extra_pids=postgres_pids)
 
 
 def start_flask_sse(database_url: str, redis_url: str, redis_pid: int, work: Path) -> System:
@@ -283,7 +298,7 @@ def start_flask_sse(database_url: str, redis_url: str, redis_pid: int, work: Pat
         stop_process(proc)
 
     return System("Flask-SSE/Redis", f"http://127.0.0.1:{port}/stream", proc.pid, stop,
-                  extra_pids=lambda: [redis_pid])
+                  log_path=work / "flask-sse.log", extra_pids=lambda: [redis_pid])
 
 
 # -- the phases ------------------------------------------------------------------------------
@@ -315,17 +330,63 @@ def subscribe(clients: LoadClients, updater: Updater, url: str, n: int, timeout:
         live = stats["open"]
         if stats["with_events"] >= live or time.monotonic() > deadline:
             break
+    for status, count in stats["statuses"].items():
+        if status != "200":
+            errors[f"HTTP {status}"] = count
     return {"asked": n, "opened": opened, "errors": errors, "live": stats["with_events"],
-            "refused": stats["refused"], "seconds": time.monotonic() - started}
+            "seconds": time.monotonic() - started}
+
+
+def settle(clients: LoadClients, quiet: float = 1.0, limit: float = 30.0) -> None:
+    """Wait until no event has arrived for ``quiet`` s: an overloaded system's backlog must not
+    spill into the next measurement."""
+    deadline = time.monotonic() + limit
+    last = clients.stats()["ids"]
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = clients.stats()["ids"]
+        if now == last:
+            return
+        last = now
+
+
+def saturation(system: System, clients: LoadClients, updater: Updater, args: argparse.Namespace, work: Path,
+               cpu: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Steps of doubling rates from --rate while p99 < 100 ms with nothing lost; halving ones if the
+    first step already fails. Streams a system dropped are opened again before each step."""
+    steps: list[dict[str, Any]] = []
+    rate, factor = args.rate, 0.0
+    while args.min_rate <= rate <= args.max_rate:
+        settle(clients)
+        live = clients.stats()["with_events"] if not steps else clients.stats()["open"]
+        if live < args.fanout_streams:
+            clients.close()
+            live = subscribe(clients, updater, system.stream_url, args.fanout_streams, timeout=30)["live"]
+            settle(clients)
+        step = window(clients, updater, rate, args.step_seconds, work, live, cpu)
+        step["streams"] = live
+        step["ok"] = step["p99"] < P99_LIMIT and step["lost"] == 0 and step["achieved_rate"] > 0.9 * rate
+        steps.append(step)
+        log(f"{system.name}: saturation step, {live} streams: {_fmt_window(step)} {'ok' if step['ok'] else 'over'}")
+        if not factor:
+            factor = 2.0 if step["ok"] else 0.5
+        if step["ok"] != (factor == 2.0):
+            break  # the first failure going up, or the first success going down
+        rate *= factor
+    return steps
 
 
 def window(clients: LoadClients, updater: Updater, rate: float, seconds: float, work: Path,
-           streams: int) -> dict[str, Any]:
-    """Updates at ``rate`` for ``seconds``; latency of every delivery and what was lost."""
+           streams: int, cpu: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Updates at ``rate`` for ``seconds``; latency of every delivery, what was lost, and
+    the CPU share of each group of processes in ``cpu`` (100% = one core)."""
     clients.ask({"cmd": "reset"})
+    cpu = cpu or {}
+    cpu_before = {name: cpu_seconds(pids) for name, pids in cpu.items()}
     began = time.monotonic()
     commits = updater.run(rate, seconds)
     made = time.monotonic() - began
+    cpu_share = {name: (cpu_seconds(pids) - cpu_before[name]) / made for name, pids in cpu.items()}
     expected = len(commits) * streams
     # Let the last deliveries land (bounded), then collect.
     deadline = time.monotonic() + 5
@@ -339,11 +400,12 @@ def window(clients: LoadClients, updater: Updater, rate: float, seconds: float, 
         "deliveries": len(latencies), "deliveries_per_s": len(latencies) / made,
         "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
         "max": latencies[-1] if latencies else float("nan"), "lost": lost, "duplicates": duplicates,
+        "cpu": cpu_share,
     }
 
 
 def run_system(start: Callable[[], System], args: argparse.Namespace, database_url: str, execution_ids: list[int],
-               work: Path) -> Result:
+               work: Path, postgres_pids: Callable[[], list[int]]) -> Result:
     system = start()
     result = Result(system.name)
     updater = Updater(database_url, execution_ids)
@@ -353,18 +415,15 @@ def run_system(start: Callable[[], System], args: argparse.Namespace, database_u
         sub = subscribe(clients, updater, system.stream_url, args.fanout_streams, timeout=30)
         if sub["live"] < args.fanout_streams:
             log(f"{system.name}: only {sub['live']} of {args.fanout_streams} streams live ({sub['errors']})")
-        result.fanout = {**window(clients, updater, args.rate, args.seconds, work, sub["live"]), "streams": sub["live"]}
+        cpu = {"app": tree(system.master_pid), "store": system.extra_pids(),
+               "load": [p.pid for p in clients.procs], "postgres": postgres_pids()}
+        # Warm-up at the measured rate: fresh TCP connections (quick ACKs, small windows) cost
+        # more for a few seconds, on every system alike.
+        window(clients, updater, args.rate, WARMUP_SECONDS, work, sub["live"])
+        result.fanout = {**window(clients, updater, args.rate, args.seconds, work, sub["live"], cpu),
+                         "streams": sub["live"]}
         log(f"{system.name}: {_fmt_window(result.fanout)}")
-        if sub["live"] == args.fanout_streams:
-            rate = args.rate
-            while rate <= args.max_rate:
-                step = window(clients, updater, rate, args.step_seconds, work, sub["live"])
-                step["ok"] = step["p99"] < P99_LIMIT and step["lost"] == 0 and step["achieved_rate"] > 0.9 * rate
-                result.steps.append(step)
-                log(f"{system.name}: saturation step {_fmt_window(step)} {'ok' if step['ok'] else 'over'}")
-                if not step["ok"]:
-                    break
-                rate *= 2
+        result.steps = saturation(system, clients, updater, args, work, cpu)
         clients.close()
 
         log(f"{system.name}: hold, opening {args.hold_streams} streams")
@@ -386,6 +445,8 @@ def run_system(start: Callable[[], System], args: argparse.Namespace, database_u
             f"+{result.hold['app_per_stream'] / 1024:.1f} KiB per stream, "
             f"backing store +{result.hold['extra_per_stream'] / 1024:.1f} KiB per stream")
 
+        if held < args.hold_streams:
+            log(f"{system.name}: why streams failed, from its log: {why_failed(system)}")
         if system.sigterm is not None and held:
             seconds = system.sigterm()
             ends = clients.ask({"cmd": "ends", "timeout": 10})
@@ -401,10 +462,24 @@ def run_system(start: Callable[[], System], args: argparse.Namespace, database_u
     return result
 
 
+def why_failed(system: System) -> str:
+    """The most frequent error lines of a system's log."""
+    if system.log_path is None or not system.log_path.exists():
+        return "no log"
+    counts: dict[str, int] = {}
+    for line in system.log_path.read_text(errors="replace").splitlines():
+        if "Error" in line or "error" in line or "FATAL" in line:
+            key = line.split("] ", 2)[-1][:160] if "] " in line else line[:160]
+            counts[key] = counts.get(key, 0) + 1
+    top = sorted(counts.items(), key=lambda item: -item[1])[:3]
+    return "; ".join(f"{count}x {line}" for line, count in top) or "nothing logged"
+
+
 def _fmt_window(w: dict[str, Any]) -> str:
+    cpu = ", ".join(f"{name} {share * 100:.0f}%" for name, share in w["cpu"].items() if share)
     return (f"{w['rate']:g}/s asked, {w['achieved_rate']:.0f}/s made, {w['deliveries_per_s']:.0f} deliveries/s, "
             f"p50 {w['p50'] * 1000:.1f} ms, p99 {w['p99'] * 1000:.1f} ms, max {w['max'] * 1000:.1f} ms, "
-            f"lost {w['lost']}")
+            f"lost {w['lost']}; CPU {cpu}")
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -418,21 +493,24 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
           f"all on this machine")
     print(f"\nFan-out: {args.fanout_streams} streams, {args.rate:g} updates/s for {args.seconds:g}s "
           f"(latency: UPDATE's commit -> client's receipt)")
-    print(f"{'system':<17}{'streams':>8}{'deliv/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'lost':>6}"
+    print(f"{'system':<17}{'streams':>8}{'deliv/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'lost':>8}"
           f"{'saturation upd/s':>18}")
     for r in results:
         f = r.fanout
-        sat = f"{r.saturation:g}" if r.steps else "n/a"
+        sat = f"{r.saturation:g}" if r.saturation else "none passed"
         print(f"{r.system:<17}{f.get('streams', 0):>8}{f.get('deliveries_per_s', 0):>9.0f}"
-              f"{f.get('p50', float('nan')) * 1000:>8.2f}{f.get('p99', float('nan')) * 1000:>8.2f}"
-              f"{f.get('max', float('nan')) * 1000:>8.1f}{f.get('lost', 0):>6}{sat:>18}")
+              f"{f.get('p50', float('nan')) * 1000:>10.1f}{f.get('p99', float('nan')) * 1000:>10.1f}"
+              f"{f.get('max', float('nan')) * 1000:>10.1f}{f.get('lost', 0):>8}{sat:>18}")
     print(f"\nSaturation steps ({args.fanout_streams} streams, {args.step_seconds:g}s each; ok = p99 < "
           f"{P99_LIMIT * 1000:.0f} ms, nothing lost, rate reached)")
-    print(f"{'system':<17}{'upd/s':>7}{'made/s':>8}{'deliv/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'lost':>7}  ok")
+    print(f"{'system':<17}{'streams':>8}{'upd/s':>7}{'made/s':>8}{'deliv/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
+          f"{'lost':>8}  ok   CPU (100% = one core)")
     for r in results:
         for s in r.steps:
-            print(f"{r.system:<17}{s['rate']:>7g}{s['achieved_rate']:>8.0f}{s['deliveries_per_s']:>9.0f}"
-                  f"{s['p50'] * 1000:>8.2f}{s['p99'] * 1000:>8.2f}{s['lost']:>7}  {'yes' if s['ok'] else 'no'}")
+            cpu = ", ".join(f"{name} {share * 100:.0f}%" for name, share in s["cpu"].items() if share)
+            print(f"{r.system:<17}{s['streams']:>8}{s['rate']:>7g}{s['achieved_rate']:>8.0f}"
+                  f"{s['deliveries_per_s']:>9.0f}{s['p50'] * 1000:>10.1f}{s['p99'] * 1000:>10.1f}{s['lost']:>8}"
+                  f"  {'yes' if s['ok'] else 'no ':<4} {cpu}")
     print(f"\nHold: {args.hold_streams} streams asked, each sent one event (memory: PSS, whole gunicorn instance)")
     print(f"{'system':<17}{'held':>7}{'failed':>8}{'app MiB':>9}{'app KiB/stream':>16}{'total/stream':>14}"
           f"{'PG/Redis KiB/stream':>21}{'lost':>6}")
@@ -447,10 +525,12 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             print(f"\nSIGTERM ({r.system}, {s['streams']} streams open): every worker exited in {s['seconds']:.2f}s; "
                   f"{s['clean']} streams ended cleanly, {s['cut']} cut, {s['open']} left open")
     ours = results[0]
+    if ours.system != "attune-sse":
+        return
     print("\nRatios (attune-sse / baseline)")
     for other in results[1:]:
         sat = (f"{ours.saturation / other.saturation:.1f}x" if other.saturation
-               else f"baseline never passed ({'could not hold' if not other.steps else 'first step failed'})")
+               else f"baseline passed no step down to {args.min_rate:g}/s")
         p99 = ours.fanout["p99"] / other.fanout["p99"] if other.fanout.get("p99") else float("nan")
         held = ours.hold["held"] / other.hold["held"] if other.hold["held"] else float("inf")
         mem = ((other.hold["app_per_stream"] + other.hold["extra_per_stream"])
@@ -466,7 +546,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100, help="updates/s of the fan-out phase")
     parser.add_argument("--seconds", type=float, default=10, help="length of the fan-out phase")
     parser.add_argument("--step-seconds", type=float, default=4, help="length of each saturation step")
-    parser.add_argument("--max-rate", type=float, default=3200, help="last saturation step")
+    parser.add_argument("--max-rate", type=float, default=3200, help="highest saturation step")
+    parser.add_argument("--min-rate", type=float, default=3, help="lowest saturation step")
     parser.add_argument("--hold-streams", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=2, help="load client processes")
     parser.add_argument("--quick", action="store_true", help="200 streams, 2000 held, short phases")
@@ -509,7 +590,7 @@ def main() -> None:
             starters["flask-sse"] = lambda: start_flask_sse(database_url, f"redis://127.0.0.1:{redis_port}/0",
                                                             redis.pid, work)
         for name in systems:
-            results.append(run_system(starters[name], args, database_url, execution_ids, work))
+            results.append(run_system(starters[name], args, database_url, execution_ids, work, postgres_pids))
         report(results, args)
     finally:
         if redis is not None:

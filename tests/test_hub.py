@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 import gevent
 import pytest
 
@@ -100,3 +103,85 @@ def test_batch_holds_everything_pending(count: int) -> None:
     for i in range(count):
         hub.publish(event(i + 1))
     assert len(sub.next_batch(0)) == count
+
+
+def test_keepalive_tick_wakes_only_quiet_waiting_subscribers() -> None:
+    hub = Hub()
+    quiet, busy = hub.subscribe(), hub.subscribe(execution_id=2)
+    readers = [gevent.spawn(sub.next_batch) for sub in (quiet, busy)]
+    gevent.sleep(0)
+    assert hub.tick() == 0, "the first tick only marks everyone quiet"
+    hub.publish(event(1, entity_id=5))  # reaches `quiet` (unfiltered): it gets events, not a keep-alive
+    gevent.sleep(0)
+    assert [e.event_id for e in readers[0].get(timeout=1)] == [1]
+    readers[0] = gevent.spawn(quiet.next_batch)
+    gevent.sleep(0)
+    assert hub.tick() == 1, "only `busy`, quiet and waiting since the last tick, is woken"
+    assert readers[1].get(timeout=1) == []
+    assert not readers[0].ready()
+    hub.close()
+    assert readers[0].get(timeout=1) is None
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """The payloads of HTTP/1.1 chunks."""
+    out = []
+    while data:
+        size, _, data = data.partition(b"\r\n")
+        out.append(data[: int(size, 16)])
+        data = data[int(size, 16) + 2:]
+    return out
+
+
+@pytest.fixture
+def socket_pair() -> Any:
+    server_side, client_side = socket.socketpair()
+    server_side.setblocking(False)
+    yield server_side, client_side
+    server_side.close()
+    client_side.close()
+
+
+def test_idle_writer_gets_events_written_directly_as_chunks(socket_pair: Any) -> None:
+    server_side, client_side = socket_pair
+    hub = Hub()
+    sub = hub.subscribe(fd=server_side.fileno())
+    reader = gevent.spawn(sub.next_batch)
+    gevent.sleep(0)
+    assert hub.publish_batch([event(1), event(2), event(3)]) == 3
+    gevent.sleep(0)
+    assert not reader.ready(), "the writer was not woken: the hub wrote for it"
+    assert _chunks(client_side.recv(65536)) == [event(1).frame, event(2).frame, event(3).frame]
+    assert hub.stats.sent == 3 and sub.pending == 0
+
+
+def test_direct_write_skips_what_a_resumed_stream_was_sent(socket_pair: Any) -> None:
+    server_side, client_side = socket_pair
+    hub = Hub()
+    sub = hub.subscribe(fd=server_side.fileno())
+    sub.skip_through = 2  # a resumed stream: 1 and 2 came from the record
+    reader = gevent.spawn(sub.next_batch)
+    gevent.sleep(0)
+    assert hub.publish_batch([event(1), event(2), event(3), event(4)]) == 2
+    assert _chunks(client_side.recv(65536)) == [event(3).frame, event(4).frame]
+    reader.kill()
+
+
+def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_pair: Any) -> None:
+    server_side, client_side = socket_pair
+    server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    hub = Hub()
+    sub = hub.subscribe(fd=server_side.fileno())
+    reader = gevent.spawn(sub.next_batch)
+    gevent.sleep(0)
+    big = ExecutionEvent.from_parts(1, 1, '{"event_id": 1, "result": "' + "x" * 200_000 + '"}')
+    hub.publish(big)
+    assert reader.get(timeout=1) == [], "woken, with no event queued: the rest is raw bytes"
+    raw = sub.take_raw()
+    assert 0 < len(raw) < len(big.chunk) and big.chunk.endswith(raw)
+    # Now the socket is full: the next event cannot be written directly and is queued.
+    reader = gevent.spawn(sub.next_batch)
+    gevent.sleep(0)
+    hub.publish(event(2))
+    assert [e.event_id for e in reader.get(timeout=1)] == [2]
+    assert client_side.recv(10)  # the start of the big chunk went out directly

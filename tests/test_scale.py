@@ -167,3 +167,4 @@ def test_sigterm_ends_every_stream_cleanly_and_the_workers_exit(
         for stream in streams:
             stream.close()
         srv.stop()
+

@@ -14,9 +14,9 @@ import json
 import os
 from collections.abc import Iterator
 
-import gevent.select
 import psycopg2
 from flask import Flask, Response
+from gevent.socket import wait_read
 from psycogreen.gevent import patch_psycopg
 
 CHANNEL = "attune_notifications"
@@ -37,7 +37,7 @@ def create_app() -> Flask:
             try:
                 yield b": connected\n\n"
                 while True:
-                    gevent.select.select([conn], [], [])
+                    wait_read(conn.fileno())  # not select(): descriptors pass 1024 here
                     conn.poll()
                     frames = []
                     while conn.notifies:
