@@ -12,8 +12,8 @@ from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
 
-from . import api, auth, stream
-from .config import Config, load_config, log_level
+from . import api, auth, openapi, stream
+from .config import Config, check_production, load_config, log_level
 from .db import Pool, resolve_url
 from .errors import NotReady
 from .hub import Hub
@@ -24,7 +24,14 @@ from .web import EXTENSION, AppState, register_error_handlers, state
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# On every response; they matter for the UI's pages, and cost nothing elsewhere.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class JSONProvider(DefaultJSONProvider):
@@ -43,11 +50,12 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     """Build the app; with ``start_listener`` its LISTEN greenlet starts at once."""
     if not isinstance(config, Config):
         config = load_config(config)
+    check_production(config)
     logging.getLogger("attune_sse").setLevel(log_level(config))
 
     app = Flask(__name__)
     app.json = JSONProvider(app)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = config["server.max_body_bytes"]
 
     url = resolve_url(config)
     hub = Hub(max_pending=config["server.sse_queue_size"])
@@ -72,10 +80,13 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     auth.init_app(app, config)
     app.register_blueprint(api.bp)
     app.register_blueprint(stream.bp)
+    app.register_blueprint(openapi.bp)
+    app.add_url_rule("/", view_func=lambda: app.send_static_file("index.html"), endpoint="ui")
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     app.add_url_rule("/metrics", view_func=lambda: state().metrics.response())
     _init_cors(app, config["server.cors_origins"])
+    app.after_request(_security_headers)
 
     return app
 
@@ -111,6 +122,12 @@ def readyz() -> Any:
         "streams": len(app_state.hub),
         "hub": dataclasses.asdict(app_state.hub.stats),
     }})
+
+
+def _security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 def _init_cors(app: Flask, origins: list[str]) -> None:

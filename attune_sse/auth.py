@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 from typing import Any
 
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, jsonify, request
 from flask_jwt_extended import (
     JWTManager,
     create_access_token,
@@ -19,7 +20,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import store
 from .config import Config
-from .errors import Conflict, Forbidden, NotFound, Unauthorized
+from .errors import Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
 from .web import invalid, json_body, optional_string, required_string, state
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -97,14 +98,32 @@ def current_identity_id() -> int:
 
 @bp.post("/login")
 def login() -> Any:
+    """Check a password. Failures are counted per login and client address (in the
+    database, so every worker and instance shares the count): past
+    security.login_max_failures within the window, 429 until the oldest expires."""
     body = json_body()
     login_name = required_string(body, "login", max_length=255)
     password = required_string(body, "password", max_length=1024)
+    config = state().config
+    window = config["security.login_failure_window_seconds"]
+    address = request.remote_addr or "unknown"
     with state().pool.cursor() as cur:
+        failures, wait = store.recent_login_failures(cur, login_name, address, window)
+        if failures >= config["security.login_max_failures"]:
+            log.warning("login of %r from %s refused: %d failures in %ds", login_name, address, failures, window)
+            retry_after = max(1, math.ceil(wait))
+            error = TooManyRequests(f"Too many failed logins; try again in {retry_after} s.",
+                                    code="TOO_MANY_LOGIN_FAILURES")
+            return jsonify(error.to_dict()), 429, {"Retry-After": str(retry_after)}
         identity = store.identity_by_login(cur, login_name)
-    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
-    if not check_password_hash(stored_hash, password) or identity is None:
-        log.info("login failed for %r", login_name)
+        stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
+        accepted = identity is not None and check_password_hash(stored_hash, password)
+        if accepted:
+            store.clear_login_failures(cur, login_name, address)
+        else:
+            store.record_login_failure(cur, login_name, address, window)  # committed: the raise comes after
+    if not accepted:
+        log.info("login failed for %r from %s", login_name, address)
         raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")
     return jsonify({"data": issue_tokens(identity)})
 

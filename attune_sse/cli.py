@@ -1,4 +1,4 @@
-"""The ``attune-sse`` command: serve, migrate, user create."""
+"""The ``attune-sse`` command: serve, demo, migrate, prune, user create, token."""
 
 from __future__ import annotations
 
@@ -53,9 +53,19 @@ def _migrated_cursor(config: Config) -> Iterator[Any]:
         raise click.ClickException(str(exc).strip()) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """attune-sse: live execution updates from PostgreSQL to Server-Sent Events."""
+    """attune-sse: live execution updates, from PostgreSQL to Server-Sent Events.
+
+    \b
+    Try it:     attune-sse demo                 (embedded database, demo data, http://127.0.0.1:8080/)
+    Run it:     attune-sse serve -c config.yaml
+    Script it:  TOKEN=$(attune-sse token alice -c config.yaml)
+                curl -N "http://127.0.0.1:8080/api/v1/executions/stream?token=$TOKEN"
+
+    Every command reads its settings from -c FILE (or $ATTUNE_CONFIG);
+    ATTUNE__SECTION__KEY variables override single keys.
+    """
 
 
 @main.command()
@@ -142,6 +152,49 @@ def user_create(login: str, password: str, display_name: str | None, config_path
     if created is None:
         raise click.ClickException(f"login {login!r} is already taken")
     click.echo(f"created identity {created[0]} ({login})")
+
+
+@main.command()
+@click.argument("login")
+@click.option("--expires", "expires_in", type=click.IntRange(min=1),
+              help="Lifetime in seconds (default: security.jwt_access_expiration).")
+@config_option
+def token(login: str, expires_in: int | None, config_path: str | None) -> None:
+    """Print an access token for LOGIN (for scripts and curl), signed with the config's secret."""
+    import datetime as dt
+
+    from flask import Flask
+    from flask_jwt_extended import create_access_token
+
+    from . import auth, store
+
+    config = _load(config_path)
+    with _migrated_cursor(config) as cur:
+        identity = store.identity_by_login(cur, login)
+    if identity is None:
+        raise click.ClickException(f"no identity {login!r}; create it with: attune-sse user create {login}")
+    app = Flask(__name__)
+    auth.init_app(app, config)
+    lifetime = dt.timedelta(seconds=expires_in or config["security.jwt_access_expiration"])
+    with app.app_context():
+        click.echo(create_access_token(str(identity["id"]), expires_delta=lifetime,
+                                       additional_claims={"login": login, "token_type": "access"}))
+
+
+@main.command()
+@click.option("--port", type=int, default=8080, show_default=True, help="Port of the web UI and API.")
+@click.option("--rate", type=float, default=2.0, show_default=True, help="New executions per second.")
+@click.option("--data-dir", default=".attune/demo-pgdata", show_default=True,
+              help="Folder of the demo's embedded PostgreSQL.")
+def demo(port: int, rate: float, data_dir: str) -> None:
+    """Run the service on an embedded database with a demo pack and executions moving through
+    their statuses, so the web UI has something to show. Log in as demo / demo-password."""
+    from .demo import run_demo
+
+    try:
+        run_demo(port=port, rate=rate, data_dir=data_dir)
+    except AttuneError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -111,13 +111,20 @@ SETTINGS: tuple[Setting, ...] = (
             "events a slow client may have pending before it is disconnected"),
     Setting("server.sse_send_buffer_bytes", 0, _number(0, 64 * 1024 * 1024, integer=True),
             "kernel send buffer of each stream's socket (0: the kernel's autotuning, up to net.ipv4.tcp_wmem)"),
+    Setting("server.max_body_bytes", 16 * 1024 * 1024, _number(1024, 1024**3, integer=True),
+            "largest request body accepted; larger ones get 413"),
     Setting("server.sse_retry_ms", 3000, _number(0, 600_000, integer=True),
             "reconnect delay the stream suggests to EventSource"),
     Setting("server.sse_reconnect_spread_ms", 5000, _number(0, 600_000, integer=True),
             "a closing stream's retry: is sse_retry_ms plus a random part of this, so reconnects spread out"),
     Setting("server.graceful_timeout", 3, _number(0, 600),
             "seconds a stopping worker waits for requests to finish"),
-    Setting("security.jwt_secret", _REQUIRED, _string, "HS256 signing secret of the tokens"),
+    Setting("security.jwt_secret", _REQUIRED, _string,
+            "HS256 signing secret of the tokens (production: at least 32 bytes, not the test secret)"),
+    Setting("security.login_max_failures", 5, _number(1, 1000, integer=True),
+            "failed logins per login and address before /auth/login answers 429"),
+    Setting("security.login_failure_window_seconds", 300, _number(1, 86400, integer=True),
+            "how long a failed login counts against its login and address"),
     Setting("security.jwt_access_expiration", 3600, _number(1, integer=True),
             "lifetime of an access token, in seconds"),
     Setting("security.jwt_refresh_expiration", 86400, _number(1, integer=True),
@@ -241,6 +248,26 @@ def load_config(
         else:
             values[setting.key] = setting.default
     return Config(values, source)
+
+
+# Secrets that appear in this repository and its docs: never good enough for production.
+KNOWN_TEST_SECRETS = frozenset({"test-secret-for-testing-only-not-secure"})
+MIN_PRODUCTION_SECRET_BYTES = 32
+
+
+def check_production(config: Config) -> None:
+    """Refuse to serve in production with a secret anyone could have read, or guess."""
+    if config["environment"] != "production":
+        return
+    secret = config["security.jwt_secret"]
+    if secret in KNOWN_TEST_SECRETS:
+        raise ConfigError("security.jwt_secret",
+                          "is the published test secret; set a random one for production "
+                          "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(48))')")
+    if len(secret.encode()) < MIN_PRODUCTION_SECRET_BYTES:
+        raise ConfigError("security.jwt_secret",
+                          f"must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes in production, "
+                          f"got {len(secret.encode())}")
 
 
 def log_level(config: Config) -> int:

@@ -76,6 +76,11 @@ class Unprocessable(ApiError):
     code = "UNPROCESSABLE"
 
 
+class TooManyRequests(ApiError):
+    status = 429
+    code = "TOO_MANY_REQUESTS"
+
+
 class NotReady(ApiError):
     status = 503
     code = "NOT_READY"

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import ENV_PREFIX, Config, load_config
+from .config import ENV_PREFIX, Config, check_production, load_config
 from .db import make_psycopg2_green, start_database
 from .migrate import apply_migrations
 
@@ -53,6 +53,7 @@ def logging_config(config: Config) -> dict[str, Any]:
 def on_starting(server: Any) -> None:
     """Master, before any worker: file limits, metrics folder, embedded database, migrations."""
     config = load_config()
+    check_production(config)
     _raise_open_file_limit(config["server.worker_connections"] + 1000)
     _prepare_metrics_dir()
     url, embedded = start_database(config)

@@ -21,6 +21,29 @@ def identity_by_login(cur: Any, login: str) -> Row | None:
     return cur.fetchone()
 
 
+def recent_login_failures(cur: Any, login: str, address: str, window_seconds: int) -> tuple[int, float]:
+    """(failed logins of this pair within the window, seconds until the oldest of them leaves it)."""
+    cur.execute(
+        """SELECT count(*) AS n,
+                  coalesce(extract(epoch FROM min(at) + make_interval(secs => %s) - now()), 0) AS wait
+           FROM attune.login_failure
+           WHERE login = %s AND address = %s AND at > now() - make_interval(secs => %s)""",
+        (window_seconds, login, address, window_seconds),
+    )
+    row = cur.fetchone()
+    return int(row["n"]), float(row["wait"])
+
+
+def record_login_failure(cur: Any, login: str, address: str, window_seconds: int) -> None:
+    cur.execute("INSERT INTO attune.login_failure (login, address) VALUES (%s, %s)", (login, address))
+    cur.execute("DELETE FROM attune.login_failure WHERE at < now() - make_interval(secs => %s)",
+                (window_seconds,))
+
+
+def clear_login_failures(cur: Any, login: str, address: str) -> None:
+    cur.execute("DELETE FROM attune.login_failure WHERE login = %s AND address = %s", (login, address))
+
+
 def identity_by_id(cur: Any, identity_id: int) -> Row | None:
     cur.execute("SELECT * FROM attune.identity WHERE id = %s", (identity_id,))
     return cur.fetchone()

@@ -16,11 +16,13 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
-from flask_jwt_extended import verify_jwt_in_request
+from flask_jwt_extended import get_jwt, verify_jwt_in_request
+from gevent import get_hub
 
 from . import record, sse
 from .db import Pool
@@ -29,6 +31,8 @@ from .hub import Hub
 from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
+
+TOKEN_EXPIRED = "token expired"
 
 bp = Blueprint("stream", __name__)
 
@@ -41,6 +45,7 @@ HEADERS = {
 @bp.get("/api/v1/executions/stream")
 def execution_stream() -> Any:
     verify_jwt_in_request(locations=["headers", "query_string"])
+    expires_at = get_jwt().get("exp")
     execution_id = positive_int_arg("execution_id")
     last_event_id = _last_event_id()
     app_state = state()
@@ -53,6 +58,7 @@ def execution_stream() -> Any:
         retry_ms=config["server.sse_retry_ms"],
         reconnect_spread_ms=config["server.sse_reconnect_spread_ms"],
         last_event_id=last_event_id,
+        expires_at=expires_at,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
                               chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
@@ -150,6 +156,7 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[t
 def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
+                 expires_at: float | None = None,
                  backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None,
                  connection: Connection | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
@@ -159,11 +166,19 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     ends, its ``retry:`` is ``retry_ms`` plus a random share of
     ``reconnect_spread_ms``, so the clients of a stopping worker come back
     spread out instead of all at once.
+
+    At ``expires_at`` (the token's ``exp``) the stream ends with a
+    ``token_expired`` event: the client refreshes its token and reconnects
+    with Last-Event-ID, missing nothing.
     """
     connection = connection or Connection(None)
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
     sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd)
+    expiry = None
+    if expires_at is not None:
+        expiry = get_hub().loop.timer(max(0.0, expires_at - time.time()))
+        expiry.start(hub.unsubscribe, sub, TOKEN_EXPIRED)
     try:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
@@ -203,6 +218,12 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         connection.last_response()
         # Spread the reconnects of many clients instead of a storm.
         retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
-        yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
+        if sub.reason == TOKEN_EXPIRED:
+            data = json.dumps({"reason": "the access token expired: refresh it and reconnect with Last-Event-ID"})
+            yield sse.Message(data=data, event="token_expired", retry=retry).encode()
+        else:
+            yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
     finally:
+        if expiry is not None:
+            expiry.close()
         hub.unsubscribe(sub)

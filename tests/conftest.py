@@ -103,7 +103,7 @@ def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, A
         "database": {"url": database.url, "pool_size": 5},
         "server": {
             "workers": WORKERS, "sse_keepalive_seconds": 1, "graceful_timeout": 3,
-            "cors_origins": ["http://localhost:3000"],
+            "cors_origins": ["http://localhost:3000"], "max_body_bytes": 4 * 1024 * 1024,
         },
         "security": SECURITY_CONFIG,
         "log": {"level": "info"},

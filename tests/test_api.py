@@ -174,9 +174,12 @@ def test_rest_needs_access_token(server: Any, user: dict[str, Any], path: str) -
 
 
 def test_body_too_large(api: Api) -> None:
-    response = api.post("/api/v1/packs", data=b"{" + b" " * (17 * 1024 * 1024) + b"}",
+    """The session server's server.max_body_bytes is 4 MiB."""
+    response = api.post("/api/v1/packs", data=b"{" + b" " * (5 * 1024 * 1024) + b"}",
                         headers={"Content-Type": "application/json"})
     _error(response, 413)
+    assert api.post("/api/v1/packs", data=b"{" + b" " * (3 * 1024 * 1024) + b"}",
+                    headers={"Content-Type": "application/json"}).status_code == 400, "under the limit: read"
 
 
 def test_health_and_readiness(server: Any) -> None:
