@@ -20,7 +20,7 @@ from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
 from .retention import start_pruner
-from .web import EXTENSION, AppState, register_error_handlers, state
+from .web import EXTENSION, AppState, check_query_string, register_error_handlers, state
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
                                          metrics=metrics, background=background)
 
     register_error_handlers(app)
+    app.before_request(check_query_string)
     auth.init_app(app, config)
     app.register_blueprint(api.bp)
     app.register_blueprint(stream.bp)

@@ -60,7 +60,43 @@ def json_body() -> dict[str, Any]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_JSON")
+    problem = storable_problem(body)
+    if problem:
+        raise BadRequest(f"The request body {problem}.", code="INVALID_JSON")
     return body
+
+
+MAX_JSON_DEPTH = 100
+
+
+def storable_problem(value: Any, depth: int = 0) -> str | None:
+    """Why PostgreSQL could not store this JSON value (text and jsonb take no NUL character
+    and no lone surrogate), or None."""
+    if depth > MAX_JSON_DEPTH:
+        return f"is nested more than {MAX_JSON_DEPTH} levels deep"
+    if isinstance(value, str):
+        return text_problem(value)
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        problem = storable_problem(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate, which is not valid Unicode"
+    return None
 
 
 def required_string(body: dict[str, Any], field: str, *, max_length: int = 1000) -> str:
@@ -89,7 +125,7 @@ MAX_BIGINT = 2**63 - 1  # ids are PostgreSQL bigints
 def parse_int(raw: str, name: str, *, minimum: int = 1) -> int:
     """A whole number from ``minimum`` to the bigint maximum, or 400 naming ``name``."""
     raw = raw.strip()
-    if not raw.isdigit() or not minimum <= int(raw) <= MAX_BIGINT:
+    if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= MAX_BIGINT:
         raise BadRequest(f"{name} must be a whole number >= {minimum}, got {raw[:40]!r}.",
                          code="VALIDATION_ERROR")
     return int(raw)
@@ -107,6 +143,14 @@ def positive_int_arg(name: str, default: int | None = None, *, maximum: int | No
 
 
 # -- errors --------------------------------------------------------------------
+
+def check_query_string() -> None:
+    """``before_request``: query values are text PostgreSQL must be able to take."""
+    for name, value in request.args.items(multi=True):
+        problem = text_problem(name) or text_problem(value)
+        if problem:
+            raise BadRequest(f"Query parameter {name[:40]!r} {problem}.", code="VALIDATION_ERROR")
+
 
 def register_error_handlers(app: Flask) -> None:
     """Every error leaves as ``{"error", "code"}`` JSON; never HTML, never a traceback."""

@@ -145,6 +145,12 @@ BAD_REQUESTS = [
     ("PATCH", "/api/v1/executions/1", {"status": "exploded"}, 400, "VALIDATION_ERROR"),
     ("PATCH", "/api/v1/executions/1", {"action_ref": "x.y"}, 400, "VALIDATION_ERROR"),
     ("PATCH", "/api/v1/executions/1", {}, 400, "VALIDATION_ERROR"),
+    # Found by the fuzzing: text PostgreSQL cannot store, and digits int() cannot read.
+    ("POST", "/api/v1/executions", {"action_ref": "a\u0000b"}, 400, "INVALID_JSON"),
+    ("POST", "/api/v1/executions", '{"action_ref": "x.y", "config": {"k": "\\ud800"}}', 400, "INVALID_JSON"),
+    ("PATCH", "/api/v1/executions/1", {"result": {"deep": "\u0000"}}, 400, "INVALID_JSON"),
+    ("GET", "/api/v1/executions?action_ref=a%00b", None, 400, "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions?page=%C2%B2", None, 400, "VALIDATION_ERROR"),
     ("DELETE", "/api/v1/packs", None, 405, "METHOD_NOT_ALLOWED"),
     ("GET", "/no/such/page", None, 404, "NOT_FOUND"),
 ]
