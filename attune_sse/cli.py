@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .config import CONFIG_ENV, ENV_PREFIX, Config, load_config, log_level
+from .config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
 from .errors import AttuneError
 
 GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
@@ -33,9 +33,10 @@ def _load(config_path: str | None) -> Config:
 
 
 @contextmanager
-def _migrated_cursor(config: Config) -> Iterator[Any]:
+def _migrated_cursor(config: Config, *, dict_rows: bool = False) -> Iterator[Any]:
     """A cursor on the database, migrated first, committed at the end; errors become one CLI line."""
     import psycopg2
+    import psycopg2.extras
 
     from .db import connect, database
     from .migrate import apply_migrations
@@ -45,7 +46,8 @@ def _migrated_cursor(config: Config) -> Iterator[Any]:
             apply_migrations(url)
             conn = connect(url)
             try:
-                with conn, conn.cursor() as cur:
+                factory = psycopg2.extras.RealDictCursor if dict_rows else None
+                with conn, conn.cursor(cursor_factory=factory) as cur:
                     yield cur
             finally:
                 conn.close()
@@ -82,7 +84,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         if value is not None:
             env[ENV_PREFIX + key] = str(value)
     try:
-        load_config(environ=env)  # fail here, in one line, rather than inside gunicorn
+        check_production(load_config(environ=env))  # fail here, in one line, rather than inside gunicorn
     except AttuneError as exc:
         raise click.ClickException(str(exc)) from None
     if not GUNICORN_CONF.exists():
@@ -169,7 +171,7 @@ def token(login: str, expires_in: int | None, config_path: str | None) -> None:
     from . import auth, store
 
     config = _load(config_path)
-    with _migrated_cursor(config) as cur:
+    with _migrated_cursor(config, dict_rows=True) as cur:
         identity = store.identity_by_login(cur, login)
     if identity is None:
         raise click.ClickException(f"no identity {login!r}; create it with: attune-sse user create {login}")

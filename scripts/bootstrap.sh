@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv beside the checkout and install attune-sse into it (editable,
-# with the test and style extras). Safe to run again: pip skips what is there.
+# with the test, style and bench extras); with --browser, also Debian's Chromium
+# for the browser tests (scripts/test asks for it). Safe to run again: what is
+# there is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -13,4 +15,14 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e '.[test,style,bench]'
     touch "$stamp"
+fi
+# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
+if [ "${1:-}" = --browser ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bootstrap: installing Debian's chromium for the browser tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "bootstrap: /usr/bin/chromium is missing; the browser tests need it: sudo apt-get install chromium" >&2
+    fi
 fi

@@ -34,10 +34,14 @@ def step(name: str, started: float) -> None:
     print(f"  ok   {name:<48} {1000 * (time.monotonic() - started):8.1f} ms", flush=True)
 
 
+def one_line(text: str) -> str:
+    return " ".join(text[:300].split())
+
+
 def call(session: requests.Session, method: str, url: str, expect: int, **kwargs: Any) -> dict[str, Any]:
     response = session.request(method, url, timeout=10, **kwargs)
     if response.status_code != expect:
-        raise Failed(f"{method} {url}: HTTP {response.status_code}, expected {expect}: {response.text[:300]}")
+        raise Failed(f"{method} {url}: HTTP {response.status_code}, expected {expect}: {one_line(response.text)}")
     return response.json()
 
 
@@ -52,7 +56,7 @@ def run(url: str, login: str, password: str, timeout: float) -> None:
     stream = requests.get(f"{url}/api/v1/executions/stream", params={"token": tokens["access_token"]},
                           stream=True, timeout=(10, timeout + 30))
     if stream.status_code != 200:
-        raise Failed(f"stream: HTTP {stream.status_code}: {stream.text[:300]}")
+        raise Failed(f"stream: HTTP {stream.status_code}: {one_line(stream.text)}")
     events: queue.Queue = queue.Queue()
 
     def read() -> None:

@@ -33,6 +33,8 @@ const state = {
   retryTimer: null,
   retryDelay: 1000,
   frame: null,
+  received: 0,              // events received since the page loaded (shown to tests via attuneState)
+  recentIds: [],            // the last event ids received, newest last (bounded)
 };
 window.attuneState = state;  // for the browser tests and the curious
 
@@ -149,6 +151,9 @@ function onEvent(message) {
     return;
   }
   state.lastId = id;
+  state.received++;
+  state.recentIds.push(id);
+  if (state.recentIds.length > 10000) state.recentIds.splice(0, 5000);
   if (state.view === "table") state.tableLastId = id;
   const data = doc.data;
   if (!data || data.id === undefined) return;
