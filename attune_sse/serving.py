@@ -56,6 +56,10 @@ def on_starting(server: Any) -> None:
     check_production(config)
     _raise_open_file_limit(config["server.worker_connections"] + 1000)
     _prepare_metrics_dir()
+    if config["database.url"] == "embedded":
+        # Printed whatever the log level: a first start takes a few seconds.
+        print(f"attune-sse: starting the embedded PostgreSQL in {config['database.data_dir']}...",
+              file=sys.stderr, flush=True)
     url, embedded = start_database(config)
     if embedded is not None:
         _embedded["server"] = embedded

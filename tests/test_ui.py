@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +36,20 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-def ui_server(database: Any, tmp_path: Path, **server: Any) -> ServerProcess:
-    """A server of the UI's own, on a port that survives its restart."""
-    sections = {"server": {"sse_retry_ms": 300, "sse_reconnect_spread_ms": 300, **server.pop("server", {})}}
-    sections.update(server)
-    return ServerProcess(server_config(database, **sections), tmp_path, port=free_port()).start()
+@pytest.fixture
+def ui_server(database: Any, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts a server of the UI's own (on a port that survives its restart); stops it after the test."""
+    started: list[ServerProcess] = []
+
+    def start(**sections: Any) -> ServerProcess:
+        sections["server"] = {"sse_retry_ms": 300, "sse_reconnect_spread_ms": 300, **sections.get("server", {})}
+        srv = ServerProcess(server_config(database, **sections), tmp_path, port=free_port()).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
 
 
 @pytest.fixture
@@ -54,12 +63,16 @@ def page(browser: Any) -> Iterator[Page]:
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def log_in(page: Page, base_url: str, user: dict[str, Any]) -> None:
-    page.goto(base_url + "/")
+def open_ui(page: Page, ui_server: Callable[..., ServerProcess], user: dict[str, Any],
+            **sections: Any) -> ServerProcess:
+    """A fresh server, and the page logged in to it with its stream live."""
+    srv = ui_server(**sections)
+    page.goto(srv.base_url + "/")
     page.fill("input[name=login]", user["login"])
     page.fill("input[name=password]", user["password"])
     page.click("button[type=submit]")
     expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
+    return srv
 
 
 def row(page: Page, execution_id: int) -> Any:
@@ -67,152 +80,132 @@ def row(page: Page, execution_id: int) -> Any:
 
 
 def test_live_table_shows_an_update_made_in_sql_within_a_second(
-    browser: Any, page: Page, database: Any, tmp_path: Path, user: dict[str, Any],
+    page: Page, ui_server: Any, user: dict[str, Any],
     new_execution: Any, set_status: Any,
 ) -> None:
-    srv = ui_server(database, tmp_path)
-    try:
-        earlier = new_execution()
-        log_in(page, srv.base_url, user)
-        expect(row(page, earlier)).to_be_visible()  # from the initial load
-        execution_id = new_execution()
-        expect(row(page, execution_id).locator(".status")).to_have_text("requested", timeout=1000)
-        set_status(execution_id, "running")
-        expect(row(page, execution_id).locator(".status")).to_have_text("running", timeout=1000)
-        expect(row(page, execution_id).locator(".status")).to_have_class("status status-running")
-        set_status(execution_id, "completed")
-        expect(row(page, execution_id).locator(".status")).to_have_text("completed", timeout=1000)
+    earlier = new_execution()
+    open_ui(page, ui_server, user)
+    expect(row(page, earlier)).to_be_visible()  # from the initial load
+    execution_id = new_execution()
+    expect(row(page, execution_id).locator(".status")).to_have_text("requested", timeout=1000)
+    set_status(execution_id, "running")
+    expect(row(page, execution_id).locator(".status")).to_have_text("running", timeout=1000)
+    expect(row(page, execution_id).locator(".status")).to_have_class("status status-running")
+    set_status(execution_id, "completed")
+    expect(row(page, execution_id).locator(".status")).to_have_text("completed", timeout=1000)
 
-        # Filters: by status, then by action.
-        page.select_option("#filter-status", "completed")
-        expect(row(page, execution_id)).to_be_visible()
-        expect(row(page, earlier)).to_be_hidden()
-        page.select_option("#filter-status", "")
-        page.fill("#filter-action", "no-such-action")
-        expect(row(page, execution_id)).to_be_hidden()
-        page.fill("#filter-action", "")
+    # Filters: by status, then by action.
+    page.select_option("#filter-status", "completed")
+    expect(row(page, execution_id)).to_be_visible()
+    expect(row(page, earlier)).to_be_hidden()
+    page.select_option("#filter-status", "")
+    page.fill("#filter-action", "no-such-action")
+    expect(row(page, execution_id)).to_be_hidden()
+    page.fill("#filter-action", "")
 
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "ui-live.png"), full_page=True)
-    finally:
-        srv.stop()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-live.png"), full_page=True)
 
 
 def test_indicator_follows_a_server_restart_and_no_update_is_lost(
-    browser: Any, page: Page, database: Any, tmp_path: Path, user: dict[str, Any], db: Any,
+    page: Page, ui_server: Any, user: dict[str, Any], db: Any,
     new_execution: Any, set_status: Any,
 ) -> None:
-    srv = ui_server(database, tmp_path)
-    try:
-        log_in(page, srv.base_url, user)
-        executions = [new_execution() for _ in range(3)]
-        for execution_id in executions:
-            expect(row(page, execution_id)).to_be_visible()
+    srv = open_ui(page, ui_server, user)
+    executions = [new_execution() for _ in range(3)]
+    for execution_id in executions:
+        expect(row(page, execution_id)).to_be_visible()
 
-        srv.stop()
-        expect(page.locator("#connection")).to_have_attribute("data-status", "reconnecting", timeout=10_000)
-        # Changes while the server is down are in the event record; the browser resumes
-        # from its Last-Event-ID when the server is back.
-        for execution_id in executions:
-            set_status(execution_id, "running")
-            set_status(execution_id, "completed")
-        srv.start()
-        expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=15_000)
-        for execution_id in executions:
-            expect(row(page, execution_id).locator(".status")).to_have_text("completed", timeout=5000)
+    srv.stop()
+    expect(page.locator("#connection")).to_have_attribute("data-status", "reconnecting", timeout=10_000)
+    # Changes while the server is down are in the event record; the browser resumes
+    # from its Last-Event-ID when the server is back.
+    for execution_id in executions:
+        set_status(execution_id, "running")
+        set_status(execution_id, "completed")
+    srv.start()
+    expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=15_000)
+    for execution_id in executions:
+        expect(row(page, execution_id).locator(".status")).to_have_text("completed", timeout=5000)
 
-        # Every event of these executions reached the page, the missed ones included.
-        with db.cursor() as cur:
-            cur.execute("SELECT id FROM attune.execution_event WHERE execution = ANY(%s) ORDER BY id",
-                        (executions,))
-            expected = [event_id for (event_id,) in cur.fetchall()]
-        page.wait_for_function(
-            "ids => ids.every(id => window.attuneState.recentIds.includes(id))", arg=expected, timeout=5000)
-    finally:
-        srv.stop()
+    # Every event of these executions reached the page, the missed ones included.
+    with db.cursor() as cur:
+        cur.execute("SELECT id FROM attune.execution_event WHERE execution = ANY(%s) ORDER BY id",
+                    (executions,))
+        expected = [event_id for (event_id,) in cur.fetchall()]
+    page.wait_for_function(
+        "ids => ids.every(id => window.attuneState.recentIds.includes(id))", arg=expected, timeout=5000)
 
 
 def test_detail_view_streams_one_execution_and_collapses_a_large_result(
-    browser: Any, page: Page, database: Any, tmp_path: Path, user: dict[str, Any], db: Any,
+    page: Page, ui_server: Any, user: dict[str, Any], db: Any,
     new_execution: Any, set_status: Any,
 ) -> None:
-    srv = ui_server(database, tmp_path)
-    try:
-        log_in(page, srv.base_url, user)
-        execution_id = new_execution()
-        other = new_execution()
-        row(page, execution_id).click()
-        expect(page.locator("#detail-id")).to_have_text(str(execution_id))
-        expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
-        with db.cursor() as cur:
-            cur.execute("UPDATE attune.execution SET status = 'completed', result = %s WHERE id = %s",
-                        (json.dumps({"lines": ["x" * 100] * 200}), execution_id))
-        expect(page.locator("#detail-fields .status")).to_have_text("completed", timeout=2000)
-        summary = page.locator("#detail-result details summary")
-        expect(summary).to_contain_text("Large result")
-        summary.click()
-        expect(page.locator("#detail-result pre")).to_contain_text('"lines"')
-        # Meanwhile another execution changed; back on the table, it shows (resumed, not lost).
-        set_status(other, "failed")
-        page.click("#back")
-        expect(row(page, other).locator(".status")).to_have_text("failed", timeout=5000)
-        expect(row(page, execution_id).locator(".status")).to_have_text("completed")
-    finally:
-        srv.stop()
+    open_ui(page, ui_server, user)
+    execution_id = new_execution()
+    other = new_execution()
+    row(page, execution_id).click()
+    expect(page.locator("#detail-id")).to_have_text(str(execution_id))
+    expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
+    with db.cursor() as cur:
+        cur.execute("UPDATE attune.execution SET status = 'completed', result = %s WHERE id = %s",
+                    (json.dumps({"lines": ["x" * 100] * 200}), execution_id))
+    expect(page.locator("#detail-fields .status")).to_have_text("completed", timeout=2000)
+    summary = page.locator("#detail-result details summary")
+    expect(summary).to_contain_text("Large result")
+    summary.click()
+    expect(page.locator("#detail-result pre")).to_contain_text('"lines"')
+    # Meanwhile another execution changed; back on the table, it shows (resumed, not lost).
+    set_status(other, "failed")
+    page.click("#back")
+    expect(row(page, other).locator(".status")).to_have_text("failed", timeout=5000)
+    expect(row(page, execution_id).locator(".status")).to_have_text("completed")
 
 
 def test_expired_token_is_refreshed_and_the_stream_resumes(
-    browser: Any, page: Page, database: Any, tmp_path: Path, user: dict[str, Any],
+    page: Page, ui_server: Any, user: dict[str, Any],
     new_execution: Any, set_status: Any,
 ) -> None:
     # Access tokens of 3 s: the server ends the stream with token_expired; the page
     # refreshes its token and reconnects from its last event.
-    srv = ui_server(database, tmp_path, security={"jwt_access_expiration": 3})
-    try:
-        log_in(page, srv.base_url, user)
-        first_token = page.evaluate("window.attuneState.access")
-        page.wait_for_function("t => window.attuneState.access !== t", arg=first_token, timeout=15_000)
-        expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
-        execution_id = new_execution()
-        set_status(execution_id, "running")
-        expect(row(page, execution_id).locator(".status")).to_have_text("running", timeout=5000)
-    finally:
-        srv.stop()
+    open_ui(page, ui_server, user, security={"jwt_access_expiration": 3})
+    first_token = page.evaluate("window.attuneState.access")
+    page.wait_for_function("t => window.attuneState.access !== t", arg=first_token, timeout=15_000)
+    expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
+    execution_id = new_execution()
+    set_status(execution_id, "running")
+    expect(row(page, execution_id).locator(".status")).to_have_text("running", timeout=5000)
 
 
 def test_a_thousand_rows_and_a_hundred_updates_a_second(
-    browser: Any, page: Page, database: Any, tmp_path: Path, user: dict[str, Any], db: Any, action: Any,
+    page: Page, ui_server: Any, user: dict[str, Any], db: Any, action: Any,
 ) -> None:
-    srv = ui_server(database, tmp_path)
-    try:
-        with db.cursor() as cur:
-            cur.execute("""INSERT INTO attune.execution (action, action_ref, status)
-                           SELECT %s, %s, 'requested' FROM generate_series(1, 1000) RETURNING id""",
-                        (action["id"], action["ref"]))
-            ids = [row_id for (row_id,) in cur.fetchall()]
-        log_in(page, srv.base_url, user)
-        page.wait_for_function("n => window.attuneState.rows.size >= n", arg=1000, timeout=20_000)
-        # Frame gaps while 300 updates arrive at 100 per second.
-        page.evaluate("""() => {
-            window.gaps = []; let last = performance.now();
-            const tick = (now) => {
-                window.gaps.push(now - last); last = now; window.raf = requestAnimationFrame(tick);
-            };
-            window.raf = requestAnimationFrame(tick);
-        }""")
-        started = time.monotonic()
-        with db.cursor() as cur:
-            for i in range(300):
-                cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (ids[i],))
-                time.sleep(max(0.0, started + (i + 1) / 100 - time.monotonic()))
-        expect(row(page, ids[299]).locator(".status")).to_have_text("running", timeout=2000)
-        stats = page.evaluate("""() => { cancelAnimationFrame(window.raf);
-            const g = window.gaps.slice(1).sort((a, b) => a - b);
-            return {frames: g.length, p95: g[Math.floor(g.length * 0.95)], max: g[g.length - 1]}; }""")
-        running = page.locator("#executions tr[data-status=running]").count()
-        assert running >= 300
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "ui-load.json").write_text(json.dumps({"rows": 1000, "updates": 300, **stats}, indent=2))
-        assert stats["max"] < 500, f"the page stalled for {stats['max']:.0f} ms while updates came in"
-    finally:
-        srv.stop()
+    with db.cursor() as cur:
+        cur.execute("""INSERT INTO attune.execution (action, action_ref, status)
+                       SELECT %s, %s, 'requested' FROM generate_series(1, 1000) RETURNING id""",
+                    (action["id"], action["ref"]))
+        ids = [row_id for (row_id,) in cur.fetchall()]
+    open_ui(page, ui_server, user)
+    page.wait_for_function("n => window.attuneState.rows.size >= n", arg=1000, timeout=20_000)
+    # Frame gaps while 300 updates arrive at 100 per second.
+    page.evaluate("""() => {
+        window.gaps = []; let last = performance.now();
+        const tick = (now) => {
+            window.gaps.push(now - last); last = now; window.raf = requestAnimationFrame(tick);
+        };
+        window.raf = requestAnimationFrame(tick);
+    }""")
+    started = time.monotonic()
+    with db.cursor() as cur:
+        for i in range(300):
+            cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (ids[i],))
+            time.sleep(max(0.0, started + (i + 1) / 100 - time.monotonic()))
+    expect(row(page, ids[299]).locator(".status")).to_have_text("running", timeout=2000)
+    stats = page.evaluate("""() => { cancelAnimationFrame(window.raf);
+        const g = window.gaps.slice(1).sort((a, b) => a - b);
+        return {frames: g.length, p95: g[Math.floor(g.length * 0.95)], max: g[g.length - 1]}; }""")
+    running = page.locator("#executions tr[data-status=running]").count()
+    assert running >= 300
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "ui-load.json").write_text(json.dumps({"rows": 1000, "updates": 300, **stats}, indent=2))
+    assert stats["max"] < 500, f"the page stalled for {stats['max']:.0f} ms while updates came in"
