@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from gevent.hub import Waiter, get_hub
 from .event import ExecutionEvent
 
 log = logging.getLogger(__name__)
+
+TOKEN_EXPIRED = "token expired"  # the reason of a subscription closed by ``expire``
 
 @dataclass
 class HubStats:
@@ -48,8 +51,8 @@ class Subscription:
     per batch of events rather than once per event.
     """
 
-    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "fd", "on_overflow", "reason",
-                 "skip_through")
+    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "fd", "on_overflow",
+                 "reason", "skip_through")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None,
                  fd: int | None = None) -> None:
@@ -57,6 +60,7 @@ class Subscription:
         self.on_overflow = on_overflow
         self.fd = fd  # the client's socket, for direct writes of chunks; None: always through the writer
         self.skip_through = 0  # events up to this id were sent already (from the record, on resume)
+        self.expires_at: float | None = None  # epoch seconds: the hub closes it then (its token expires)
         self.reason: str | None = None  # why it was closed, once it is
         self._raw = b""  # the rest of a chunk a direct write began
         # Unbounded here: the hub enforces the bound (server.sse_queue_size).
@@ -252,12 +256,25 @@ class Hub:
             sub._quiet = True
         return woken
 
-    def start_keepalive(self, interval: float) -> gevent.Greenlet:
-        """Tick every ``interval`` s: a quiet stream gets a keep-alive within 1 to 2 intervals."""
+    def expire(self, now: float) -> int:
+        """Close the subscriptions whose ``expires_at`` has passed; return how many."""
+        expired = [sub for sub in self._subscribers() if sub.expires_at is not None and sub.expires_at <= now]
+        for sub in expired:
+            self.unsubscribe(sub, TOKEN_EXPIRED)
+        return len(expired)
+
+    def start_keepalive(self, interval: float, expiry_check: float = 1.0) -> gevent.Greenlet:
+        """Tick every ``interval`` s (a quiet stream gets a keep-alive within 1 to 2 intervals),
+        and end expired subscriptions every ``expiry_check`` s: one pass over the
+        subscribers, instead of a timer per stream."""
         def run() -> None:
+            next_tick = time.monotonic() + interval
             while not self._closed:
-                gevent.sleep(interval)
-                self.tick()
+                gevent.sleep(min(interval, expiry_check))
+                self.expire(time.time())
+                if time.monotonic() >= next_tick:
+                    self.tick()
+                    next_tick += interval
         return gevent.spawn(run)
 
     def _subscribers(self) -> list[Subscription]:

@@ -16,23 +16,20 @@ import logging
 import os
 import random
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
-from gevent import get_hub
 
 from . import record, sse
 from .db import Pool
 from .errors import NotReady
-from .hub import Hub
+from .hub import TOKEN_EXPIRED, Hub
 from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
 
-TOKEN_EXPIRED = "token expired"
 
 bp = Blueprint("stream", __name__)
 
@@ -175,10 +172,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
     sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd)
-    expiry = None
-    if expires_at is not None:
-        expiry = get_hub().loop.timer(max(0.0, expires_at - time.time()))
-        expiry.start(hub.unsubscribe, sub, TOKEN_EXPIRED)
+    sub.expires_at = expires_at  # the hub ends it then (checked every second, no timer per stream)
     try:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
@@ -224,6 +218,4 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         else:
             yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
     finally:
-        if expiry is not None:
-            expiry.close()
         hub.unsubscribe(sub)

@@ -185,3 +185,13 @@ def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_p
     hub.publish(event(2))
     assert [e.event_id for e in reader.get(timeout=1)] == [2]
     assert client_side.recv(10)  # the start of the big chunk went out directly
+
+
+def test_expired_subscriptions_are_closed_with_their_reason() -> None:
+    hub = Hub()
+    soon, later, never = hub.subscribe(), hub.subscribe(execution_id=3), hub.subscribe()
+    soon.expires_at, later.expires_at = 100.0, 200.0
+    assert hub.expire(150.0) == 1
+    assert soon.reason == "token expired" and soon.next_batch(0) is None
+    assert later.reason is None and never.reason is None and len(hub) == 2
+    assert hub.expire(250.0) == 1 and len(hub) == 1
