@@ -57,6 +57,7 @@ def execution_stream() -> Any:
         last_event_id=last_event_id,
         expires_at=expires_at,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
+        start_position=functools.partial(record_position, app_state.pool),
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
                               chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
     )
@@ -123,6 +124,16 @@ def reset_message(reason: str, resume_from: int) -> bytes:
     return sse.Message(data=data, event="reset", id=resume_from).encode()
 
 
+def record_position(pool: Pool) -> int | None:
+    """The newest event id of the record (or its pruning horizon), or None if it cannot be read now."""
+    try:
+        with pool.cursor(dict_rows=False) as cur:
+            return max(record.last_event_id(cur), record.pruned_to(cur))
+    except NotReady as exc:
+        log.warning("a new stream starts without its position: %s", exc.message)
+        return None
+
+
 def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[tuple[bytes, int]]:
     """The events after ``after`` from the record, page by page, as (frames, id reached).
 
@@ -155,6 +166,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  last_event_id: int | None = None,
                  expires_at: float | None = None,
                  backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None,
+                 start_position: Callable[[], int | None] | None = None,
                  connection: Connection | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
@@ -177,7 +189,12 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # First write: tells EventSource how long to wait before a reconnect,
         # and sends the headers, so the client knows it is subscribed.
-        yield sse.Message(retry=retry_ms).encode() + sse.comment("connected")
+        # A new client (no Last-Event-ID) is also told where the record stands: an
+        # id-only block, which sets EventSource's last event id without an event.
+        # If the connection breaks before any event came, its reconnect then
+        # resumes from here instead of missing what was committed in between.
+        position = start_position() if last_event_id is None and start_position is not None else None
+        yield sse.Message(retry=retry_ms, id=position).encode() + sse.comment("connected")
         # Subscribed before the backlog is read: an event committed meanwhile is
         # in the record or in the queue (or both: the seam drops ids already sent).
         sent_up_to = last_event_id or 0

@@ -255,3 +255,31 @@ def test_workers_prune_on_schedule(database: Any, tmp_path: Any, new_execution: 
         assert "pruned" in srv.log()
     finally:
         srv.stop()
+
+
+def test_a_new_stream_is_told_its_position_so_a_reconnect_before_any_event_misses_nothing(
+    server: Any, token: str, db: Any, new_execution: Any, set_status: Any
+) -> None:
+    """A client that connected, got no event, and lost its connection (a server restart, say)
+    reconnects with the Last-Event-ID the first block gave it: what was committed meanwhile comes."""
+    from helpers import RawStream
+
+    fresh = RawStream(server.base_url, {"token": token})
+    fresh.sock.settimeout(5)
+    while b"\r\n\r\n" not in fresh.data or b"\n\n" not in fresh.body()[0]:
+        fresh.data += fresh.sock.recv(4096)
+    first_block = fresh.body()[0].split(b"\n\n")[0].decode()
+    position = int(first_block.split("id: ")[1].split("\n")[0])
+    with db.cursor() as cur:
+        cur.execute("SELECT max(id) FROM attune.execution_event")
+        newest = cur.fetchone()[0] or 0
+    assert position >= newest  # nothing committed before the stream began is owed to it
+    fresh.close()  # the connection breaks before any event came
+
+    execution_id = new_execution()
+    set_status(execution_id, "running")
+    resumed = Stream(server.base_url + "/api/v1/executions/stream", {"token": token},
+                     headers={"Last-Event-ID": str(position)})
+    events = resumed.events_until(lambda doc: doc["entity_id"] == execution_id and doc["data"]["status"] == "running")
+    assert [e.json["data"]["status"] for e in events if e.json["entity_id"] == execution_id] == ["requested",
+                                                                                                  "running"]

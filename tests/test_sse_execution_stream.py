@@ -204,7 +204,7 @@ def test_stream_response_headers(server: Any, token: str) -> None:
             if line == b": keep-alive":
                 break
         assert b": keep-alive" in seen, seen
-        assert seen[0].startswith(b"retry: ")
+        assert seen[0].startswith(b"id: ") and seen[1].startswith(b"retry: "), seen
     finally:
         response.close()
 
