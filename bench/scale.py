@@ -6,7 +6,7 @@
 Starts its own PostgreSQL (embedded, or ATTUNE_BENCH_DATABASE_URL), its own
 Redis (redis-server on a free port), and for each system a gunicorn instance
 with 2 gevent workers; the load comes from ``bench/loadclient.py`` processes
-(gevent sockets) on 127.0.0.1. Systems:
+(one epoll loop each) on 127.0.0.1. Systems:
 
 - attune-sse: one LISTEN per worker, fan-out in the worker (this project);
 - naive: each SSE request opens its own PostgreSQL connection and LISTENs;
@@ -489,7 +489,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     cpu = os.cpu_count()
     mem = psutil.virtual_memory().total / 2**30
     print(f"\nattune-sse scale benchmark: {cpu} cores, {mem:.0f} GiB, Python {sys.version.split()[0]}, "
-          f"each system on gunicorn with 2 gevent workers, load from {args.clients} gevent client process(es), "
+          f"each system on gunicorn with 2 gevent workers, load from {args.clients} epoll client process(es), "
           f"all on this machine")
     print(f"\nFan-out: {args.fanout_streams} streams, {args.rate:g} updates/s for {args.seconds:g}s "
           f"(latency: UPDATE's commit -> client's receipt)")
