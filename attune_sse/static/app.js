@@ -126,10 +126,7 @@ function connect(resumeFrom) {
     }
     // Closed for good (an HTTP error such as 401 or 503): retry ourselves, from where we were.
     setConnection(navigator.onLine ? "reconnecting" : "offline");
-    state.retryTimer = setTimeout(() => {
-      const retry = () => connect(resumePoint());
-      refreshToken().then(retry, retry);
-    }, state.retryDelay);
+    state.retryTimer = setTimeout(() => refreshToken().then(reconnect, reconnect), state.retryDelay);
     state.retryDelay = Math.min(state.retryDelay * 2, 30000);
   };
 }
@@ -139,7 +136,10 @@ function resumePoint() {
 }
 
 function reconnect() {
-  connect(resumePoint());
+  const from = resumePoint();
+  connect(from);
+  // No event applied yet, so nothing to resume from: read the table again instead.
+  if ((from === null || from === undefined) && state.view === "table") loadTable().catch(() => {});
 }
 
 function onEvent(message) {
@@ -324,7 +324,7 @@ async function start() {
     await loadTable();
   } catch (error) {
     if (error.status === 401) {
-      await refreshToken().then(() => { reconnect(); return loadTable(); }, logout);
+      await refreshToken().then(reconnect, logout);  // reconnect reads the table again
     } else {
       throw error;
     }
