@@ -196,17 +196,16 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         position = start_position() if last_event_id is None and start_position is not None else None
         yield sse.Message(retry=retry_ms, id=position).encode() + sse.comment("connected")
         # Subscribed before the backlog is read: an event committed meanwhile is
-        # in the record or in the queue (or both: the seam drops ids already sent).
-        sent_up_to = last_event_id or 0
+        # in the record or in the queue (or both: the subscription skips ids already sent).
         if last_event_id is not None and backlog is not None:
+            sub.skip_through = last_event_id
             try:
                 for frames, reached in backlog(last_event_id):
                     yield frames
-                    sent_up_to = reached
+                    sub.skip_through = reached
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return
-        sub.skip_through = sent_up_to
         while True:
             batch = sub.next_batch()  # [] on the hub's keep-alive tick, or after a partial direct write
             raw = sub.take_raw()
@@ -218,10 +217,6 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                 if not raw:
                     yield sse.KEEPALIVE
                 continue
-            if sent_up_to:
-                batch = [e for e in batch if e.event_id > sent_up_to]
-                if not batch:
-                    continue
             # What piled up while the client was busy leaves in one write.
             yield batch[0].frame if len(batch) == 1 else b"".join(event.frame for event in batch)
             stats.sent += len(batch)

@@ -195,3 +195,13 @@ def test_expired_subscriptions_are_closed_with_their_reason() -> None:
     assert soon.reason == "token expired" and soon.next_batch(0) is None
     assert later.reason is None and never.reason is None and len(hub) == 2
     assert hub.expire(250.0) == 1 and len(hub) == 1
+
+
+def test_queued_events_a_resumed_stream_was_sent_already_are_left_out() -> None:
+    hub = Hub()
+    sub = hub.subscribe()
+    hub.publish_batch([event(1), event(2), event(3)])  # queued while the backlog is being sent
+    sub.skip_through = 2  # the backlog reached event 2
+    assert [e.event_id for e in sub.next_batch(0)] == [3]
+    hub.publish(event(2))  # a late repeat is not even queued
+    assert sub.pending == 0
