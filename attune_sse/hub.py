@@ -147,10 +147,11 @@ class Hub:
         self.stats = HubStats()
         self._all: set[Subscription] = set()
         self._by_execution: dict[int, set[Subscription]] = {}
+        self._count = 0  # subscribers in both indexes: len() is asked on every stream open
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._all) + sum(len(s) for s in self._by_execution.values())
+        return self._count
 
     @property
     def closed(self) -> bool:
@@ -167,19 +168,18 @@ class Hub:
             self._all.add(sub)
         else:
             self._by_execution.setdefault(execution_id, set()).add(sub)
+        self._count += 1
         self.stats.subscribed_total += 1
         return sub
 
     def unsubscribe(self, sub: Subscription, reason: str = "client left") -> None:
         """Remove a subscriber; safe to call more than once."""
-        if sub.execution_id is None:
-            self._all.discard(sub)
-        else:
-            group = self._by_execution.get(sub.execution_id)
-            if group is not None:
-                group.discard(sub)
-                if not group:
-                    del self._by_execution[sub.execution_id]
+        group = self._all if sub.execution_id is None else self._by_execution.get(sub.execution_id)
+        if group is not None and sub in group:
+            group.remove(sub)
+            self._count -= 1
+            if not group and sub.execution_id is not None:
+                del self._by_execution[sub.execution_id]
         sub._close(reason)
 
     @contextmanager
