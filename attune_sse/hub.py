@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -37,8 +36,8 @@ TOKEN_EXPIRED = "token expired"  # the reason of a subscription closed by ``expi
 @dataclass
 class HubStats:
     published: int = 0  # events the listener handed to the hub
-    delivered: int = 0  # (event, subscriber) pairs queued
-    sent: int = 0  # (event, subscriber) pairs written to a client by the stream view
+    delivered: int = 0  # (event, subscriber) pairs accepted: queued, or written directly
+    sent: int = 0  # (event, subscriber) pairs written to a client: directly, or by the stream view
     overflows: int = 0  # slow clients disconnected
     subscribed_total: int = 0
 
@@ -86,9 +85,7 @@ class Subscription:
                 self._wait(timeout)
             if not self._pending:
                 return None if self.reason is not None else []
-            batch, self._pending = self._pending, []
-            if batch[0].event_id <= self.skip_through:  # the seam of a resume: rare
-                batch = [e for e in batch if e.event_id > self.skip_through]
+            batch, self._pending = self._unsent(self._pending), []
             if batch or timeout is not None:
                 return batch
 
@@ -104,6 +101,12 @@ class Subscription:
             if timer is not None:
                 timer.close()
             self._waiter = None
+
+    def _unsent(self, events: list[ExecutionEvent]) -> list[ExecutionEvent]:
+        """``events`` (in id order) without those up to ``skip_through``: only at the seam of a resume."""
+        if events[0].event_id > self.skip_through:
+            return events
+        return [e for e in events if e.event_id > self.skip_through]
 
     def take_raw(self) -> bytes:
         """The unsent rest of a direct write: the writer sends it, as is, before anything else."""
@@ -137,6 +140,10 @@ class Subscription:
         if self.reason is None:
             self.reason = reason
             self._wake()
+
+
+def _chunks(events: list[ExecutionEvent]) -> bytes:
+    return events[0].chunk if len(events) == 1 else b"".join(e.chunk for e in events)
 
 
 class Hub:
@@ -182,16 +189,6 @@ class Hub:
                 del self._by_execution[sub.execution_id]
         sub._close(reason)
 
-    @contextmanager
-    def subscription(self, execution_id: int | None = None,
-                     on_overflow: Callable[[], None] | None = None) -> Iterator[Subscription]:
-        """``subscribe`` for the length of a ``with`` block, removed however it ends."""
-        sub = self.subscribe(execution_id, on_overflow)
-        try:
-            yield sub
-        finally:
-            self.unsubscribe(sub)
-
     def publish(self, event: ExecutionEvent) -> int:
         """Offer one event to every matching subscriber without waiting; return how many got it."""
         return self.publish_batch([event])
@@ -220,15 +217,12 @@ class Hub:
     def _offer_all(self, subs: set[Subscription], events: list[ExecutionEvent]) -> int:
         delivered = direct = 0
         overflowed = []
-        chunk = events[0].chunk if len(events) == 1 else b"".join(e.chunk for e in events)
-        first_id = events[0].event_id
+        chunk = _chunks(events)  # once per batch, shared by every subscriber that takes it all
         for sub in subs:
-            mine, my_chunk = events, chunk
-            if first_id <= sub.skip_through:  # rare: a resumed stream, events its backlog sent
-                mine = [e for e in events if e.event_id > sub.skip_through]
-                if not mine:
-                    continue
-                my_chunk = b"".join(e.chunk for e in mine)
+            mine = sub._unsent(events)
+            if not mine:
+                continue
+            my_chunk = chunk if mine is events else _chunks(mine)
             if (sub._waiter is not None and sub.fd is not None and not sub._pending and not sub._raw
                     and sub._write_direct(my_chunk)):
                 direct += len(mine)

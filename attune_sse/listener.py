@@ -154,28 +154,27 @@ class Listener:
             notifies = conn.notifies[:]
             del conn.notifies[:]
             for notify in notifies:
-                self._take(conn, notify, batch)
+                event = self._event_of(conn, notify)
+                if event is not None:
+                    self._received(event)
+                    batch.append(event)
         self.hub.publish_batch(batch)
 
-    def _take(self, conn: Any, notify: Any, batch: list[ExecutionEvent]) -> None:
-        """Parse one notification and add its event to ``batch``, unless it is a repeat."""
+    def _event_of(self, conn: Any, notify: Any) -> ExecutionEvent | None:
+        """The event a notification announces, or None (another channel, malformed, a repeat)."""
         if notify.channel != CHANNEL:
-            return
+            return None
         try:
             doc = parse_notification(notify.payload)
         except PayloadError as exc:
             log.error("listener: ignoring a malformed notification (%s): %.200s", exc, notify.payload)
-            return
+            return None
         if self._seen(doc["event_id"]):
-            return  # published already, by the catch-up after a reconnect
+            return None  # published already, by the catch-up after a reconnect
         self._measure_lag(doc.get("timestamp"))
         if doc.get("truncated"):
-            event = self._read_event(conn, doc["event_id"])
-        else:
-            event = ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
-        if event is not None:
-            self._seen_up_to(event)
-            batch.append(event)
+            return self._read_event(conn, doc["event_id"])
+        return ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
 
     def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
         """The whole event from the table, for payloads too large for NOTIFY."""
@@ -194,7 +193,7 @@ class Listener:
             with conn.cursor() as cur:
                 page = record.events_after(cur, self.last_event_id)
             for event in page:
-                self._seen_up_to(event)
+                self._received(event)
             self.hub.publish_batch(page)
             caught_up += len(page)
             if len(page) < record.PAGE_SIZE:
@@ -215,7 +214,7 @@ class Listener:
         # an id at or below the last one published is a repeat, never a late event.
         return self.last_event_id is not None and event_id <= self.last_event_id
 
-    def _seen_up_to(self, event: ExecutionEvent) -> None:
+    def _received(self, event: ExecutionEvent) -> None:
         self.received += 1
         self.last_event_id = event.event_id
 

@@ -13,6 +13,7 @@ variable (an app made in a test) the metrics of this process are served.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gevent
@@ -24,6 +25,18 @@ from .listener import Listener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SYNC_INTERVAL = 1.0
+
+# Counter name (prometheus_client adds _total) -> (help, how to read its running total).
+COUNTERS: dict[str, tuple[str, Callable[[Hub, Listener], int]]] = {
+    "attune_sse_events_received": ("events the listeners published to their hubs", lambda h, lis: lis.received),
+    "attune_sse_events_caught_up": ("events read from the record after a listener reconnect",
+                                    lambda h, lis: lis.caught_up),
+    "attune_sse_events_delivered": ("event deliveries written to SSE clients", lambda h, lis: h.stats.sent),
+    "attune_sse_queue_drops": ("slow SSE clients disconnected because their queue was full",
+                               lambda h, lis: h.stats.overflows),
+    "attune_sse_streams_opened": ("SSE streams opened", lambda h, lis: h.stats.subscribed_total),
+    "attune_sse_listener_reconnects": ("LISTEN connections re-established", lambda h, lis: lis.reconnects),
+}
 
 
 def multiprocess_mode() -> bool:
@@ -52,29 +65,13 @@ class Metrics:
         self.last_event = Gauge("attune_sse_listener_last_event_id", "id of the last event published",
                                 multiprocess_mode="livemax", registry=reg)
         self.counters = {
-            "received": Counter("attune_sse_events_received", "events the listeners published to their hubs",
-                                registry=reg),
-            "caught_up": Counter("attune_sse_events_caught_up",
-                                 "events read from the record after a listener reconnect", registry=reg),
-            "delivered": Counter("attune_sse_events_delivered", "event deliveries written to SSE clients",
-                                 registry=reg),
-            "overflows": Counter("attune_sse_queue_drops",
-                                 "slow SSE clients disconnected because their queue was full", registry=reg),
-            "subscribed": Counter("attune_sse_streams_opened", "SSE streams opened", registry=reg),
-            "reconnects": Counter("attune_sse_listener_reconnects", "LISTEN connections re-established",
-                                  registry=reg),
-        }
-
-    def _values(self) -> dict[str, int]:
-        stats, listener = self.hub.stats, self.listener
-        return {
-            "received": listener.received, "caught_up": listener.caught_up, "delivered": stats.sent,
-            "overflows": stats.overflows, "subscribed": stats.subscribed_total, "reconnects": listener.reconnects,
+            name: Counter(name, help_text, registry=reg) for name, (help_text, _) in COUNTERS.items()
         }
 
     def sync(self) -> None:
         """Copy the counters' growth since the last sync into the metrics."""
-        for name, value in self._values().items():
+        for name, (_, read) in COUNTERS.items():
+            value = read(self.hub, self.listener)
             grown = value - self._last.get(name, 0)
             if grown > 0:
                 self.counters[name].inc(grown)

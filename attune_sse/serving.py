@@ -54,7 +54,7 @@ def on_starting(server: Any) -> None:
     """Master, before any worker: file limits, metrics folder, embedded database, migrations."""
     config = load_config()
     check_production(config)
-    _raise_open_file_limit(config["server.worker_connections"] + 1000)
+    _raise_open_file_limit(config["server.worker_connections"])
     _prepare_metrics_dir()
     if config["database.url"] == "embedded":
         # Printed whatever the log level: a first start takes a few seconds.
@@ -96,8 +96,10 @@ def child_exit(server: Any, worker: Any) -> None:
     worker_exited(worker.pid)
 
 
-def _raise_open_file_limit(wanted: int) -> None:
-    """Every stream is a socket: lift the soft open-file limit toward worker_connections."""
+def _raise_open_file_limit(connections: int) -> None:
+    """Every stream is a socket: lift the soft open-file limit toward worker_connections (and some
+    room for database connections, log files and the like)."""
+    wanted = connections + 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -105,7 +107,7 @@ def _raise_open_file_limit(wanted: int) -> None:
         soft = target
     if soft != resource.RLIM_INFINITY and soft < wanted:
         log.warning("open-file limit is %d, below server.worker_connections (%d): raise it (ulimit -n) "
-                    "or a worker will refuse streams", soft, wanted - 1000)
+                    "or a worker will refuse streams", soft, connections)
 
 
 def _prepare_metrics_dir() -> None:

@@ -31,7 +31,7 @@ class AppState:
     hub: Hub
     listener: Listener
     metrics: Metrics
-    background: list[gevent.Greenlet] = field(default_factory=list)  # the pruner, the metrics sync
+    background: list[gevent.Greenlet] = field(default_factory=list)  # pruner, metrics sync, keep-alive tick
 
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""

@@ -70,10 +70,8 @@ def test_slow_subscriber_is_closed_without_blocking_others() -> None:
 def test_unsubscribe_is_idempotent_and_leaves_no_trace() -> None:
     hub = Hub()
     for _ in range(5000):
-        with hub.subscription(execution_id=3):
-            pass
-        with hub.subscription():
-            pass
+        hub.unsubscribe(hub.subscribe(execution_id=3))
+        hub.unsubscribe(hub.subscribe())
     assert len(hub) == 0
     assert hub._by_execution == {}
     sub = hub.subscribe(execution_id=9)

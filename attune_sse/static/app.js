@@ -107,7 +107,7 @@ function connect(resumeFrom) {
   clearTimeout(state.retryTimer);
   const source = new EventSource(streamUrl(resumeFrom));
   state.source = source;
-  setConnection(state.source.readyState === EventSource.OPEN ? "live" : "reconnecting");
+  setConnection("reconnecting");  // until onopen
   source.onopen = () => {
     state.retryDelay = 1000;
     setConnection("live");
@@ -227,7 +227,6 @@ function updateCounts() {
 
 async function loadTable() {
   // Subscribe first, then read: an update in between arrives on the stream as well.
-  const newest = state.tableLastId;
   const rows = [];
   for (let page = 1; rows.length < INITIAL_ROWS; page++) {
     const body = await api(`/api/v1/executions?per_page=${PAGE}&page=${page}`);
@@ -239,7 +238,6 @@ async function loadTable() {
     if (!state.pending.has(data.id)) upsertRow(tbody, data);
   }
   updateCounts();
-  return newest;
 }
 
 function tickDurations() {
