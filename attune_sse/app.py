@@ -114,9 +114,11 @@ def readyz() -> Any:
         "pid": os.getpid(),
         "listener_backend_pid": listener.backend_pid,
         "listener": {
-            "last_event_id": listener.last_event_id,
+            "position": listener.position,
             "received": listener.received,
             "caught_up": listener.caught_up,
+            "skipped": listener.skipped,
+            "rejected": listener.rejected,
             "reconnects": listener.reconnects,
             "lag_seconds": listener.lag,
         },

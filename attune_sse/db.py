@@ -97,6 +97,7 @@ class Pool:
         self.acquire_timeout = acquire_timeout
         self._idle: list[Any] = []
         self._slots = threading.BoundedSemaphore(size)
+        self._retired: set[int] = set()  # id() of lent connections to close when they come back
 
     @contextmanager
     def cursor(self, *, dict_rows: bool = True) -> Iterator[Any]:
@@ -124,9 +125,17 @@ class Pool:
                     conn.rollback()
                 raise
         finally:
-            if conn is not None and not conn.closed:
+            if conn is not None and id(conn) in self._retired:
+                self._retired.discard(id(conn))
+                conn.close()
+            elif conn is not None and not conn.closed:
                 self._idle.append((conn, time.monotonic()))
             self._slots.release()
+
+    def retire(self, conn: Any) -> None:
+        """Close this lent connection when it comes back instead of keeping it: libpq keeps a
+        connection's input buffer as large as the largest row it has received."""
+        self._retired.add(id(conn))
 
     def _reuse_idle(self) -> Any:
         """An idle connection that still answers, or None (dead ones are dropped).

@@ -1,21 +1,30 @@
-"""The execution event: a notification parsed once and framed once.
+"""The execution event, framed once; and what a notification on the channel claims.
 
-Whatever the path an event took (a NOTIFY payload, or a row read back from
-``attune.execution_event``), it becomes one immutable ``ExecutionEvent`` whose
-SSE frame is encoded here, before fan-out, so every client gets the same bytes.
+An event comes from one place only: a row of ``attune.execution_event`` (the
+record). It becomes one immutable ``ExecutionEvent`` whose SSE frame is
+encoded here, before fan-out, so every client gets the same bytes.
+
+A NOTIFY payload is not an event: any database role can send anything on the
+channel. ``parse_notification`` only reads which event a notification says
+was recorded, so the listener can count the ones the record does not bear out.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from .sse import Message
 
+MAX_BIGINT = 2**63 - 1  # event and execution ids are PostgreSQL bigints
+
 
 class PayloadError(ValueError):
-    """A notification payload that is not an execution event."""
+    """A notification that is not one the trigger sends; ``kind`` names how (a metric label)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -24,28 +33,39 @@ class ExecutionEvent:
 
     event_id: int
     entity_id: int
-    payload: str
     frame: bytes = field(repr=False)
-    # The frame as one HTTP/1.1 chunk, for the hub's direct writes (see hub.py).
-    chunk: bytes = field(repr=False, default=b"")
+    recorded_at: float = 0.0  # epoch seconds of its commit
 
     @classmethod
-    def from_parts(cls, event_id: int, entity_id: int, payload: str) -> ExecutionEvent:
-        # The payload is one line already: JSON escapes every line break in strings.
-        frame = Message(data=payload, id=event_id).encode()
-        chunk = b"%X\r\n%s\r\n" % (len(frame), frame)
-        return cls(event_id=event_id, entity_id=entity_id, payload=payload, frame=frame, chunk=chunk)
+    def from_record(cls, event_id: int, entity_id: int, payload: bytes, recorded_at: float = 0.0) -> ExecutionEvent:
+        """An event from its stored payload (the JSON text, in UTF-8)."""
+        return cls.from_frame(event_id, entity_id, b"id: %d\ndata: %s\n\n" % (event_id, payload), recorded_at)
+
+    @classmethod
+    def from_frame(cls, event_id: int, entity_id: int, frame: bytes, recorded_at: float = 0.0) -> ExecutionEvent:
+        """An event from ``id: N\\ndata: <payload>\\n\\n``, as the record's query builds it (no copy here)."""
+        data_at = frame.index(b"\ndata: ") + 7
+        if frame.find(b"\n", data_at) != len(frame) - 2 or b"\r" in frame:
+            # A payload with raw line breaks (the trigger's JSON has none): one data: line per line.
+            payload = frame[data_at:-2].decode("utf-8")
+            frame = Message(data=payload, id=event_id).encode()
+        return cls(event_id=event_id, entity_id=entity_id, frame=frame, recorded_at=recorded_at)
 
 
-def parse_notification(payload: str) -> dict[str, Any]:
-    """Parse and check the fields every notification carries."""
+def parse_notification(payload: str) -> tuple[int, int]:
+    """(event id, execution id) that a notification announces, or PayloadError."""
     try:
         doc = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        raise PayloadError(f"not JSON: {exc}") from None
+    except ValueError:  # JSONDecodeError
+        raise PayloadError("not_json", "is not JSON") from None
+    except RecursionError:
+        raise PayloadError("not_json", "is JSON nested too deep") from None
     if not isinstance(doc, dict) or doc.get("entity_type") != "execution":
-        raise PayloadError("not an execution notification")
-    for key in ("entity_id", "event_id"):
-        if not isinstance(doc.get(key), int) or isinstance(doc.get(key), bool):
-            raise PayloadError(f"{key} missing or not an integer")
-    return doc
+        raise PayloadError("not_an_event", "is not an execution event notification")
+    ids = []
+    for key in ("event_id", "entity_id"):
+        value = doc.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BIGINT:
+            raise PayloadError("not_an_event", f"has no valid {key}")
+        ids.append(value)
+    return ids[0], ids[1]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
+import gevent.event
 from gevent.hub import Waiter, get_hub
 
 from .event import ExecutionEvent
@@ -142,8 +143,10 @@ class Subscription:
             self._wake()
 
 
-def _chunks(events: list[ExecutionEvent]) -> bytes:
-    return events[0].chunk if len(events) == 1 else b"".join(e.chunk for e in events)
+def _chunk(events: list[ExecutionEvent]) -> bytes:
+    """The frames of ``events`` as one HTTP/1.1 chunk, in one copy."""
+    size = sum(len(e.frame) for e in events)
+    return b"".join([b"%X\r\n" % size, *(e.frame for e in events), b"\r\n"])
 
 
 class Hub:
@@ -152,6 +155,10 @@ class Hub:
     def __init__(self, max_pending: int = 1000) -> None:
         self.max_pending = max_pending
         self.stats = HubStats()
+        # Every event id up to here was published (or will never exist): where a new
+        # stream starts, and how far a resuming one reads the record. Set by the listener.
+        self.position: int | None = None
+        self._positioned = gevent.event.Event()
         self._all: set[Subscription] = set()
         self._by_execution: dict[int, set[Subscription]] = {}
         self._count = 0  # subscribers in both indexes: len() is asked on every stream open
@@ -163,6 +170,18 @@ class Hub:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def advance(self, position: int) -> None:
+        """The listener has resolved every event id up to ``position``."""
+        if self.position is None or position > self.position:
+            self.position = position
+            self._positioned.set()
+
+    def wait_position(self, timeout: float) -> int | None:
+        """The position, waiting up to ``timeout`` s for the listener's first; None if it has none yet."""
+        if self.position is None:
+            self._positioned.wait(timeout)
+        return self.position
 
     def subscribe(self, execution_id: int | None = None,
                   on_overflow: Callable[[], None] | None = None, fd: int | None = None) -> Subscription:
@@ -203,6 +222,7 @@ class Hub:
         if not events:
             return 0
         self.stats.published += len(events)
+        self.advance(events[-1].event_id)
         delivered = self._offer_all(self._all, events) if self._all else 0
         if self._by_execution:
             per_execution: dict[int, list[ExecutionEvent]] = {}
@@ -217,14 +237,15 @@ class Hub:
     def _offer_all(self, subs: set[Subscription], events: list[ExecutionEvent]) -> int:
         delivered = direct = 0
         overflowed = []
-        chunk = _chunks(events)  # once per batch, shared by every subscriber that takes it all
+        chunk = None  # made once per batch, when a first subscriber can take it directly
         for sub in subs:
             mine = sub._unsent(events)
             if not mine:
                 continue
-            my_chunk = chunk if mine is events else _chunks(mine)
-            if (sub._waiter is not None and sub.fd is not None and not sub._pending and not sub._raw
-                    and sub._write_direct(my_chunk)):
+            idle = sub._waiter is not None and sub.fd is not None and not sub._pending and not sub._raw
+            if idle and mine is events:
+                chunk = chunk or _chunk(events)
+            if idle and sub._write_direct(chunk if mine is events else _chunk(mine)):
                 direct += len(mine)
             elif len(sub._pending) + len(mine) > self.max_pending:
                 overflowed.append(sub)

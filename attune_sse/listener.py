@@ -1,24 +1,42 @@
-"""The LISTEN greenlet: PostgreSQL notifications in, hub publications out.
+"""The LISTEN greenlet: doorbells in, events from the record out to the hub.
 
-One per worker process. It owns its connection (autocommit, never shared),
-waits with ``poll()`` made cooperative by gevent, drains ``conn.notifies``,
-and turns each payload into an ``ExecutionEvent`` for the hub.
+One per worker process. It owns its connection (autocommit, never shared)
+and waits with ``poll()`` made cooperative by gevent. A notification is only
+a doorbell: on each wake-up the listener reads the record after its
+*position* and publishes what it finds, in pages (record.py). What a
+notification says is never sent to anyone, since any database role can NOTIFY
+anything on the channel; it is checked against the record afterwards, and
+what the record does not bear out is counted (``rejected``, by kind) and
+logged once per kind.
+
+Order and completeness. Every event id up to the position is resolved:
+published, or known never to commit. The trigger draws ids as transactions
+commit, and each holds the id sequence's lock until its commit is visible
+(see the migration), so an id missing below a visible one is a commit in
+flight. The listener stops before it and reads again at the next doorbell,
+which is usually that very commit's. If it is still missing after
+``GAP_GRACE``, the listener takes the transactions holding that lock, waits
+until they have ended, and reads once more: an id still missing then was
+drawn by a transaction that failed while committing, and is passed. So
+clients receive ids in increasing order and "every event after id N" is a
+complete answer.
 
 Faults: a lost connection is retried with capped exponential backoff and
-jitter, each attempt logged. A server that vanished without closing the socket
-is caught by TCP keepalives / ``tcp_user_timeout`` and by a ping sent after
-``ping_interval`` seconds of silence that must answer within ``ping_timeout``.
-After a reconnect the listener reads the events it missed from
-``attune.execution_event`` before going live again.
+jitter, each attempt logged. A server that vanished without closing the
+socket is caught by TCP keepalives / ``tcp_user_timeout`` and by a ping sent
+after ``ping_interval`` seconds of silence that must answer within
+``ping_timeout``. After a reconnect the listener reads on from its position,
+so what was recorded meanwhile reaches clients before anything newer.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import select
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -35,14 +53,31 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "attune_notifications"
 APPLICATION_NAME = "attune-sse-listener"
+GAP_GRACE = 0.05  # s a missing id may stay missing before the transactions that drew ids are looked at
+GAP_RECHECK_MAX = 1.0  # s between looks at pg_locks, at most, while a commit stays in flight
+RECENT_IDS = 16384  # published ids kept to tell a late doorbell from a forged one
+CHECK_LIMIT = 1000  # notifications checked against the record per wake-up, at most
+READ_SPACING = 0.005  # s between reads of the record at least: under load one read brings several events
 
 
 class PingTimeout(Exception):
     """PostgreSQL did not answer a ping in time: the connection is taken for dead."""
 
 
+@dataclass
+class _Gap:
+    """The id after the position is missing while ``below`` was in the record (seen at ``since``)."""
+
+    first: int
+    below: int
+    since: float
+    holders: list[str] | None = None  # transactions that had drawn ids, once the grace was over
+    recheck: float = 0.02
+    next_look: float = 0.0
+
+
 class Listener:
-    """Keeps one LISTEN connection alive and publishes what it hears."""
+    """Keeps one LISTEN connection alive and publishes the record's events in order."""
 
     def __init__(
         self,
@@ -58,13 +93,18 @@ class Listener:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.reconnect_max_delay = reconnect_max_delay
+        self.position: int | None = None  # every event id up to here is resolved
         self.reconnects = 0
-        self.received = 0
-        self.caught_up = 0
-        self.last_event_id: int | None = None
-        # Seconds from the trigger (the payload's timestamp) to this listener, for the last notification.
+        self.received = 0  # events published
+        self.caught_up = 0  # of which read after a reconnect
+        self.skipped = 0  # ids passed: drawn by transactions that did not commit
+        self.rejected: dict[str, int] = {}  # notifications the record does not bear out, by kind
+        # Seconds from an event's commit to its publication, for the last one published.
         self.lag: float | None = None
         self.backend_pid: int | None = None
+        self._recent: OrderedDict[int, int] = OrderedDict()  # event id -> execution id
+        self._gap: _Gap | None = None
+        self._last_read = 0.0  # time.monotonic() of the last page read
         self._connected = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
 
@@ -93,13 +133,18 @@ class Listener:
             try:
                 conn = connect(self.url, application_name=APPLICATION_NAME, autocommit=True)
                 self._listen(conn)
-                if attempt:
+                if self.position is None:
+                    self._start_position(conn)
+                    log.info("listener: LISTEN %s on backend %s, from event %d",
+                             CHANNEL, self.backend_pid, self.position)
+                elif attempt:
                     self.reconnects += 1
                     log.warning("listener: reconnected to PostgreSQL after %d attempt(s)", attempt)
-                else:
-                    log.info("listener: LISTEN %s on backend %s", CHANNEL, self.backend_pid)
+                caught_up = self._read(conn)
+                if attempt and caught_up:
+                    self.caught_up += caught_up
+                    log.warning("listener: caught up %d event(s) recorded while disconnected", caught_up)
                 attempt = 0
-                self._catch_up(conn)
                 self._connected.set()
                 self._serve(conn)
             except Exception as exc:
@@ -124,99 +169,199 @@ class Listener:
             cur.execute(f"LISTEN {CHANNEL}")
             cur.execute("SELECT pg_backend_pid()")
             self.backend_pid = cur.fetchone()[0]
+            record.prepare(cur)
+
+    def _start_position(self, conn: Any) -> None:
+        """Start after the newest event, once the commits in flight have ended (their ids may be lower)."""
+        with conn.cursor() as cur:
+            newest = record.newest(cur)
+            holders = record.id_holders(cur)
+        waited_since = time.monotonic()
+        warned = 0.0
+        while holders:
+            with conn.cursor() as cur:
+                if not record.still_holding(cur, holders):
+                    break
+            waited = time.monotonic() - waited_since
+            if waited - warned >= 5:
+                warned = waited
+                log.warning("listener: waiting %.0fs for %d transaction(s) that drew execution event ids "
+                            "(pg_locks shows them: RowExclusiveLock on %s)", waited, len(holders), record.SEQUENCE)
+            gevent.sleep(0.01)
+        self.position = newest
+        self.hub.advance(newest)
 
     def _serve(self, conn: Any) -> None:
-        """Wait for notifications until the connection fails (raises) or the greenlet is killed."""
+        """Wait for doorbells until the connection fails (raises) or the greenlet is killed."""
         quiet_since = time.monotonic()
         # poll(), not select(): with thousands of streams open, a reconnect's socket
         # gets a descriptor above select()'s limit of 1024.
         poller = gevent.select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         while True:
-            ready = poller.poll(self.ping_interval * 1000)
-            if ready:
-                conn.poll()
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= self.ping_interval:
-                self._ping(conn)
-                quiet_since = time.monotonic()
-            self._drain(conn)
+            if not conn.notifies:  # a query of ours may have brought some in already
+                wait = self.ping_interval if self._gap is None else self._gap.recheck
+                if poller.poll(wait * 1000):
+                    conn.poll()
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since >= self.ping_interval:
+                    self._ping(conn)
+                    quiet_since = time.monotonic()
+            notifies = conn.notifies[:]
+            del conn.notifies[:]
+            claims = self._claims(notifies)
+            if claims:
+                # Only a doorbell for an event after the position says something new: under load
+                # most of them are for events a read for an earlier one brought in already.
+                if any(event_id > self.position for event_id, _, _ in claims):
+                    claims += self._gather(conn)
+                    self._read(conn)
+                self._check(conn, claims)
+            elif self._gap is not None and self._look_at_gap(conn):
+                self._read(conn)  # what was recorded after the gap
+
+    def _gather(self, conn: Any) -> list[tuple[int, int, Any]]:
+        """Right after a read, wait out ``READ_SPACING`` and take the doorbells that rang meanwhile:
+        under load one read brings several events, at no cost in latency when events are sparse."""
+        pause = self._last_read + READ_SPACING - time.monotonic()
+        if pause <= 0:
+            return []
+        gevent.sleep(pause)
+        conn.poll()
+        notifies = conn.notifies[:]
+        del conn.notifies[:]
+        return self._claims(notifies)
 
     def _ping(self, conn: Any) -> None:
         timeout = gevent.Timeout(self.ping_timeout, PingTimeout(f"no answer to a ping within {self.ping_timeout}s"))
         with timeout, conn.cursor() as cur:
             cur.execute("SELECT 1")
 
-    def _drain(self, conn: Any) -> None:
-        """Publish what arrived, as one batch (see Hub.publish_batch)."""
-        batch: list[ExecutionEvent] = []
-        while conn.notifies:  # a truncated payload's query may bring more
-            notifies = conn.notifies[:]
-            del conn.notifies[:]
-            for notify in notifies:
-                event = self._event_of(conn, notify)
-                if event is not None:
-                    self._received(event)
-                    batch.append(event)
-        self.hub.publish_batch(batch)
+    # -- reading the record ------------------------------------------------
 
-    def _event_of(self, conn: Any, notify: Any) -> ExecutionEvent | None:
-        """The event a notification announces, or None (another channel, malformed, a repeat)."""
-        if notify.channel != CHANNEL:
-            return None
-        try:
-            doc = parse_notification(notify.payload)
-        except PayloadError as exc:
-            log.error("listener: ignoring a malformed notification (%s): %.200s", exc, notify.payload)
-            return None
-        if self._seen(doc["event_id"]):
-            return None  # published already, by the catch-up after a reconnect
-        self._measure_lag(doc.get("timestamp"))
-        if doc.get("truncated"):
-            return self._read_event(conn, doc["event_id"])
-        return ExecutionEvent.from_parts(doc["event_id"], doc["entity_id"], notify.payload)
+    def _read(self, conn: Any) -> int:
+        """Publish the record's events after the position, up to a missing id; return how many."""
+        published = 0
+        while True:
+            self._last_read = time.monotonic()
+            with conn.cursor() as cur:
+                page = record.events_after(cur, self.position, prepared=True)
+            events = page.events
+            run = 0  # the events that follow the position without a hole
+            while run < len(events) and events[run].event_id == self.position + 1 + run:
+                run += 1
+            self._publish(events[:run])
+            published += run
+            if run < len(events):
+                self._gap_before(events[run].event_id)
+                if not self._look_at_gap(conn):
+                    return published
+            elif not page.full:
+                self._gap = None
+                return published
 
-    def _read_event(self, conn: Any, event_id: int) -> ExecutionEvent | None:
-        """The whole event from the table, for payloads too large for NOTIFY."""
-        with conn.cursor() as cur:
-            event = record.event_by_id(cur, event_id)
-        if event is None:
-            log.error("listener: event %d was announced but is not in attune.execution_event", event_id)
-        return event
-
-    def _catch_up(self, conn: Any) -> None:
-        """After a reconnect, publish what was recorded while the listener was away."""
-        if self.last_event_id is None:
+    def _publish(self, events: list[ExecutionEvent]) -> None:
+        if not events:
             return
-        caught_up = 0
+        self.hub.publish_batch(events)
+        self.position = events[-1].event_id
+        self.received += len(events)
+        self.lag = max(0.0, time.time() - events[-1].recorded_at)
+        recent = self._recent
+        for event in events:
+            recent[event.event_id] = event.entity_id
+        while len(recent) > RECENT_IDS:
+            recent.popitem(last=False)
+
+    def _gap_before(self, below: int) -> None:
+        first = self.position + 1
+        if self._gap is None or self._gap.first != first:
+            now = time.monotonic()
+            self._gap = _Gap(first=first, below=below, since=now, next_look=now + GAP_GRACE)
+
+    def _look_at_gap(self, conn: Any) -> bool:
+        """Settle the open gap if its transactions have ended; True if the position moved past it."""
+        gap = self._gap
+        now = time.monotonic()
+        if gap is None or now < gap.next_look:
+            return False
+        with conn.cursor() as cur:
+            horizon = record.pruned_to(cur)
+            if horizon >= gap.first:
+                log.warning("listener: events %d..%d were pruned before this listener published them "
+                            "(events.retention_*); its clients get what follows", gap.first, horizon)
+                self._pass(min(horizon, gap.below - 1))
+                return True
+            if gap.holders is None:
+                gap.holders = record.id_holders(cur)  # looked at after the gap was seen: see the module doc
+            if gap.holders and record.still_holding(cur, gap.holders):
+                gap.recheck = min(GAP_RECHECK_MAX, gap.recheck * 2)
+                gap.next_look = now + gap.recheck
+                return False
+        # Whoever drew the missing ids has ended: what the record holds up to `below` is all there will be.
+        start, received = self.position, self.received
         while True:
             with conn.cursor() as cur:
-                page = record.events_after(cur, self.last_event_id)
-            for event in page:
-                self._received(event)
-            self.hub.publish_batch(page)
-            caught_up += len(page)
-            if len(page) < record.PAGE_SIZE:
+                page = record.events_after(cur, self.position, through=gap.below, prepared=True)
+            self._publish(page.events)
+            if not page.full:
                 break
-        if caught_up:
-            self.caught_up += caught_up
-            log.warning("listener: caught up %d event(s) missed while disconnected", caught_up)
+        missing = gap.below - start - (self.received - received)
+        self._pass(gap.below)
+        if missing:
+            self.skipped += missing
+            log.info("listener: passed %d event id(s) after %d: drawn by transactions that did not commit",
+                     missing, start)
+        return True
 
-    def _measure_lag(self, timestamp: Any) -> None:
-        try:
-            fired = dt.datetime.fromisoformat(timestamp)
-        except (TypeError, ValueError):
+    def _pass(self, position: int) -> None:
+        self.position = max(self.position, position)
+        self.hub.advance(self.position)
+        self._gap = None
+
+    # -- checking what the doorbells said -----------------------------------
+
+    def _claims(self, notifies: list[Any]) -> list[tuple[int, int, Any]]:
+        """(event id, execution id, notification) of each notification shaped like the trigger's;
+        the others are rejected at once, and ring no bell."""
+        claims = []
+        for notify in notifies:
+            try:
+                event_id, execution_id = parse_notification(notify.payload)
+            except PayloadError as exc:
+                self._reject(exc.kind, str(exc), notify)
+                continue
+            claims.append((event_id, execution_id, notify))
+        return claims
+
+    def _check(self, conn: Any, claims: list[tuple[int, int, Any]]) -> None:
+        """Count the notifications the record does not bear out (they changed nothing)."""
+        unknown = []
+        for event_id, execution_id, notify in claims:
+            published = self._recent.get(event_id)
+            if published is None:
+                unknown.append((event_id, execution_id, notify))
+            elif published != execution_id:
+                self._reject("unknown_event", "names an event of another execution", notify)
+        if not unknown:
             return
-        self.lag = max(0.0, time.time() - fired.timestamp())
+        unknown = unknown[:CHECK_LIMIT]
+        with conn.cursor() as cur:
+            recorded = record.executions_of(cur, [event_id for event_id, _, _ in unknown])
+        for event_id, execution_id, notify in unknown:
+            if recorded.get(event_id) != execution_id:
+                self._reject("unknown_event", "names an event the record does not hold", notify)
 
-    def _seen(self, event_id: int) -> bool:
-        # Event ids follow commit order (the trigger's lock), and so does NOTIFY:
-        # an id at or below the last one published is a repeat, never a late event.
-        return self.last_event_id is not None and event_id <= self.last_event_id
-
-    def _received(self, event: ExecutionEvent) -> None:
-        self.received += 1
-        self.last_event_id = event.event_id
+    def _reject(self, kind: str, reason: str, notify: Any) -> None:
+        seen = self.rejected.get(kind, 0)
+        self.rejected[kind] = seen + 1
+        if not seen:
+            log.warning(
+                "listener: a notification on %s from backend %s %s, so it changed nothing clients receive "
+                "(events come from the record); it and any like it are counted in "
+                "attune_sse_notifications_rejected_total{kind=\"%s\"}: %.120r",
+                CHANNEL, notify.pid, reason, kind, notify.payload,
+            )
 
 
 def _one_line(exc: BaseException) -> str:

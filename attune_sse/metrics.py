@@ -36,7 +36,10 @@ COUNTERS: dict[str, tuple[str, Callable[[Hub, Listener], int]]] = {
                                lambda h, lis: h.stats.overflows),
     "attune_sse_streams_opened": ("SSE streams opened", lambda h, lis: h.stats.subscribed_total),
     "attune_sse_listener_reconnects": ("LISTEN connections re-established", lambda h, lis: lis.reconnects),
+    "attune_sse_event_ids_skipped": ("event ids passed because their transactions did not commit",
+                                     lambda h, lis: lis.skipped),
 }
+REJECTED = "attune_sse_notifications_rejected"
 
 
 def multiprocess_mode() -> bool:
@@ -62,26 +65,34 @@ class Metrics:
         self.lag = Gauge("attune_sse_listener_lag_seconds",
                          "seconds from the trigger to the listener, for the last notification received",
                          multiprocess_mode="livemax", registry=reg)
-        self.last_event = Gauge("attune_sse_listener_last_event_id", "id of the last event published",
+        self.last_event = Gauge("attune_sse_listener_last_event_id",
+                                "the listener's position: every event up to this id is published",
                                 multiprocess_mode="livemax", registry=reg)
         self.counters = {
             name: Counter(name, help_text, registry=reg) for name, (help_text, _) in COUNTERS.items()
         }
+        self.rejected = Counter(REJECTED, "notifications on the channel that the event record does not bear "
+                                "out (they change nothing clients receive), by kind", ["kind"], registry=reg)
 
     def sync(self) -> None:
         """Copy the counters' growth since the last sync into the metrics."""
         for name, (_, read) in COUNTERS.items():
-            value = read(self.hub, self.listener)
-            grown = value - self._last.get(name, 0)
-            if grown > 0:
-                self.counters[name].inc(grown)
-            self._last[name] = value
+            self._grow(self.counters[name], name, read(self.hub, self.listener))
+        for kind, value in list(self.listener.rejected.items()):
+            self._grow(self.rejected.labels(kind=kind), f"{REJECTED}:{kind}", value)
         self.streams.set(len(self.hub))
         self.listeners.set(1 if self.listener.connected else 0)
         if self.listener.lag is not None:
             self.lag.set(self.listener.lag)
-        if self.listener.last_event_id is not None:
-            self.last_event.set(self.listener.last_event_id)
+        if self.listener.position is not None:
+            self.last_event.set(self.listener.position)
+
+    def _grow(self, counter: Counter, key: str, value: int) -> None:
+        """Add to ``counter`` what the running total ``value`` has grown by since the last sync."""
+        grown = value - self._last.get(key, 0)
+        if grown > 0:
+            counter.inc(grown)
+        self._last[key] = value
 
     def start(self) -> gevent.Greenlet:
         def run() -> None:

@@ -1,40 +1,118 @@
-"""The durable record of execution events: read what a client missed, prune the old.
+"""The durable record of execution events: what clients receive, read in pages; pruning.
 
-``attune.execution_event`` is the mailbox (NOTIFY is only the doorbell). Its ids
-follow commit order (see the trigger migration), so "every event after id N"
-is complete the moment it is read.
+``attune.execution_event`` is the mailbox; NOTIFY is only the doorbell. The
+trigger (``sql/20261127000001_record_events_at_commit.sql``) writes each event
+as its transaction commits, with an id from a sequence; ``nextval`` locks the
+sequence (ROW EXCLUSIVE) before it draws, and the lock is held until the
+transaction has ended. So an id missing below a visible one belongs to a
+commit in flight, or to a transaction that failed while committing, and
+``id_holders`` names the transactions that might still hold one (see
+listener.py).
+
+Pages are bounded by count and by bytes: a page ends with the event that
+passes ``max_bytes`` of payload (one event at least), so a reader holds about
+that much however large the results are. Each event arrives as its SSE frame,
+in bytes (UTF-8, as stored): no decode, and no second copy in Python of a
+payload that may be megabytes long.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .event import ExecutionEvent
+import psycopg2.extensions
 
-PAGE_SIZE = 1000
+from .event import MAX_BIGINT, ExecutionEvent
+
+PAGE_EVENTS = 1000
+PAGE_BYTES = 1 << 20
+
+# Who may still hold an id the record does not show: the transactions holding the sequence's lock.
+SEQUENCE = "attune.execution_event_id_seq"
+_ID_HOLDERS = f"""locktype = 'relation' AND relation = '{SEQUENCE}'::regclass AND mode = 'RowExclusiveLock'
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 
-def events_after(cur: Any, after_id: int, execution_id: int | None = None,
-                 limit: int = PAGE_SIZE) -> list[ExecutionEvent]:
-    """Up to ``limit`` events with id > ``after_id``, oldest first, optionally of one execution."""
-    if execution_id is None:
-        cur.execute(
-            "SELECT id, execution, payload::text FROM attune.execution_event WHERE id > %s ORDER BY id LIMIT %s",
-            (after_id, limit),
-        )
+@dataclass(frozen=True)
+class Page:
+    """Events in id order, and whether the record may hold more after them (a limit was reached)."""
+
+    events: list[ExecutionEvent]
+    full: bool
+
+    @property
+    def large(self) -> bool:
+        """Bigger than a page is meant to be (an event of its own larger than ``PAGE_BYTES``): the
+        connection that read it holds a buffer that size from now on (libpq never shrinks it)."""
+        return sum(len(e.frame) for e in self.events) > 2 * PAGE_BYTES
+
+
+def _page_sql(after: str, through: str, limit: str, max_bytes: str, execution: str | None = None) -> str:
+    """The page query, with these placeholders (``%(name)s`` for psycopg2, ``$n`` for PREPARE)."""
+    of_execution = "" if execution is None else f"AND execution = {execution}"
+    # The SSE frame is put together here: the payload crosses into Python once, as bytes.
+    # `bytes` is NULL only for events recorded before it was added: those are measured.
+    return f"""
+        SELECT id, execution, 'id: ' || id || E'\\ndata: ' || payload::text || E'\\n\\n',
+               extract(epoch FROM created)::float8, upto
+          FROM (SELECT id, execution, created, payload, size,
+                       sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto
+                  FROM (SELECT id, execution, created, payload,
+                               coalesce(bytes, octet_length(payload::text)) AS size
+                          FROM attune.execution_event
+                         WHERE id > {after} AND id <= {through} {of_execution}
+                         ORDER BY id LIMIT {limit}) newest) page
+         WHERE upto - size < {max_bytes}
+         ORDER BY id"""
+
+
+PREPARED = "attune_events_after"
+
+
+def prepare(cur: Any) -> None:
+    """Plan the page query once on this connection, for ``events_after(..., prepared=True)``:
+    the listener reads a page per doorbell, and planning it would cost more than running it."""
+    cur.execute(f"PREPARE {PREPARED} (bigint, bigint, int, int) AS {_page_sql('$1', '$2', '$3', '$4')}")
+
+
+def events_after(cur: Any, after_id: int, *, execution_id: int | None = None, through: int | None = None,
+                 limit: int = PAGE_EVENTS, max_bytes: int = PAGE_BYTES, prepared: bool = False) -> Page:
+    """Events with ``after_id`` < id (<= ``through``), oldest first, optionally of one execution."""
+    params = {"after": after_id, "through": MAX_BIGINT if through is None else through, "limit": limit,
+              "max_bytes": max_bytes, "execution": execution_id}
+    if prepared and execution_id is None:
+        sql = f"EXECUTE {PREPARED} (%(after)s, %(through)s, %(limit)s, %(max_bytes)s)"
     else:
-        cur.execute(
-            """SELECT id, execution, payload::text FROM attune.execution_event
-               WHERE execution = %s AND id > %s ORDER BY id LIMIT %s""",
-            (execution_id, after_id, limit),
-        )
-    return [ExecutionEvent.from_parts(i, e, p) for i, e, p in cur.fetchall()]
+        sql = _page_sql("%(after)s", "%(through)s", "%(limit)s", "%(max_bytes)s",
+                        None if execution_id is None else "%(execution)s")
+    # A cursor of its own: the typecaster that gives text as bytes applies to all its columns.
+    with cur.connection.cursor() as own:
+        psycopg2.extensions.register_type(psycopg2.extensions.BYTES, own)
+        own.execute(sql, params)
+        events, spent = [], 0
+        for event_id, execution, frame, recorded_at, upto in own:
+            events.append(ExecutionEvent.from_frame(event_id, execution, frame, recorded_at))
+            spent = upto
+    return Page(events, full=len(events) == limit or spent >= max_bytes)
 
 
-def event_by_id(cur: Any, event_id: int) -> ExecutionEvent | None:
-    cur.execute("SELECT id, execution, payload::text FROM attune.execution_event WHERE id = %s", (event_id,))
-    row = cur.fetchone()
-    return None if row is None else ExecutionEvent.from_parts(*row)
+def executions_of(cur: Any, event_ids: list[int]) -> dict[int, int]:
+    """event id -> execution id, for those of ``event_ids`` the record holds."""
+    cur.execute("SELECT id, execution FROM attune.execution_event WHERE id = ANY(%s)", (event_ids,))
+    return dict(cur.fetchall())
+
+
+def id_holders(cur: Any) -> list[str]:
+    """The transactions (virtual transaction ids) that have drawn event ids and not ended yet."""
+    cur.execute(f"SELECT virtualtransaction FROM pg_locks WHERE {_ID_HOLDERS} AND granted")
+    return [vxid for (vxid,) in cur.fetchall()]
+
+
+def still_holding(cur: Any, holders: list[str]) -> int:
+    """How many of ``holders`` have not ended yet."""
+    cur.execute(f"SELECT count(*) FROM pg_locks WHERE {_ID_HOLDERS} AND virtualtransaction = ANY(%s)", (holders,))
+    return cur.fetchone()[0]
 
 
 def pruned_to(cur: Any) -> int:
@@ -44,8 +122,10 @@ def pruned_to(cur: Any) -> int:
     return row[0] if row else 0
 
 
-def last_event_id(cur: Any) -> int:
-    cur.execute("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+def newest(cur: Any) -> int:
+    """The highest event id recorded, or pruned if pruning emptied the record (0 if none yet)."""
+    cur.execute("""SELECT greatest((SELECT max(id) FROM attune.execution_event),
+                                   (SELECT pruned_to FROM attune.execution_event_horizon), 0)""")
     return cur.fetchone()[0]
 
 
@@ -56,16 +136,20 @@ def prune(cur: Any, *, max_age_seconds: float | None = None, keep_last: int | No
     """
     cutoffs = []
     if max_age_seconds is not None:
+        # `created` is the commit time, taken as the id is drawn, so it grows with the id:
+        # the first young event, found along the primary key, ends what is old.
         cur.execute(
-            "SELECT max(id) FROM attune.execution_event WHERE created < now() - make_interval(secs => %s)",
+            """SELECT id FROM attune.execution_event WHERE created >= now() - make_interval(secs => %s)
+               ORDER BY id LIMIT 1""",
             (max_age_seconds,),
         )
-        cutoffs.append(cur.fetchone()[0])
+        row = cur.fetchone()
+        cutoffs.append(row[0] - 1 if row else newest(cur))
     if keep_last is not None:
         cur.execute("SELECT id FROM attune.execution_event ORDER BY id DESC OFFSET %s LIMIT 1", (keep_last,))
         row = cur.fetchone()
         cutoffs.append(row[0] if row else None)
-    cutoff = max((c for c in cutoffs if c is not None), default=None)
+    cutoff = max((c for c in cutoffs if c is not None and c > 0), default=None)
     if cutoff is None:
         return 0, pruned_to(cur)
     cur.execute("DELETE FROM attune.execution_event WHERE id <= %s", (cutoff,))

@@ -5,6 +5,7 @@ Kept out of ``gunicorn.conf.py`` so the hooks are plain, importable code.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import resource
@@ -127,6 +128,29 @@ def _prepare_metrics_dir() -> None:
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after fork: psycopg2 must wait through gevent, never block the hub."""
     make_psycopg2_green()
+    _give_large_blocks_back()
+
+
+# glibc's mallopt parameter, and the size from which a block gets a mapping of its own.
+_M_MMAP_THRESHOLD = -3
+_LARGE_BLOCK = 512 * 1024
+
+
+def _give_large_blocks_back() -> None:
+    """Keep every block of 512 KiB or more in its own mapping, returned to the system when freed.
+
+    By default glibc raises that threshold each time such a block is freed, so
+    the next large ones (the frames of a megabyte result, a resume's pages) come
+    from the heap and stay resident after they are freed: a worker that served
+    one burst of large results would keep its peak for good.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log.info("not glibc: large blocks are returned to the system as its allocator does")
+        return
+    if not mallopt(_M_MMAP_THRESHOLD, _LARGE_BLOCK):
+        log.warning("mallopt(M_MMAP_THRESHOLD) refused; a worker may keep the memory of large results")
 
 
 def post_worker_init(worker: Any) -> None:

@@ -25,6 +25,7 @@ from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from . import record, sse
 from .db import Pool
 from .errors import NotReady
+from .event import ExecutionEvent
 from .hub import TOKEN_EXPIRED, Hub
 from .web import parse_int, positive_int_arg, state
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 
 bp = Blueprint("stream", __name__)
+
+# Seconds a stream waits for its worker's listener to know where the record stands (only
+# right after the worker started, or while its database was unreachable since).
+POSITION_WAIT = 10.0
 
 HEADERS = {
     "Cache-Control": "no-cache",
@@ -57,7 +62,6 @@ def execution_stream() -> Any:
         last_event_id=last_event_id,
         expires_at=expires_at,
         backlog=functools.partial(read_backlog, app_state.pool, execution_id),
-        start_position=functools.partial(record_position, app_state.pool),
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
                               chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
     )
@@ -124,57 +128,74 @@ def reset_message(reason: str, resume_from: int) -> bytes:
     return sse.Message(data=data, event="reset", id=resume_from).encode()
 
 
-def record_position(pool: Pool) -> int | None:
-    """The newest event id of the record (or its pruning horizon), or None if it cannot be read now."""
-    try:
-        with pool.cursor(dict_rows=False) as cur:
-            return max(record.last_event_id(cur), record.pruned_to(cur))
-    except NotReady as exc:
-        log.warning("a new stream starts without its position: %s", exc.message)
-        return None
+def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int) -> Iterator[tuple[bytes, int]]:
+    """The events after ``after``, up to ``through``, from the record: (frames, id reached) at a time.
 
-
-def read_backlog(pool: Pool, execution_id: int | None, after: int) -> Iterator[tuple[bytes, int]]:
-    """The events after ``after`` from the record, page by page, as (frames, id reached).
-
-    A client behind the retention window, or with an id this database never
-    issued, first gets a ``reset`` event.
+    ``through`` is the hub's position, so every id up to it is resolved and the
+    live stream carries on from there. A client behind the retention window, or
+    with an id this database never issued, first gets a ``reset`` event. Pages
+    are bounded in bytes (record.PAGE_BYTES), and frames leave in chunks of
+    about ``CHUNK_BYTES``: a resume over large results holds about a page.
     """
     with pool.cursor(dict_rows=False) as cur:
-        newest = record.last_event_id(cur)
+        newest = record.newest(cur)
     if after > newest:
         yield reset_message("unknown event id: this server has no event after it", newest), newest
         after = newest
-    while True:
+    while after < through:
         with pool.cursor(dict_rows=False) as cur:
-            page = record.events_after(cur, after, execution_id)
+            page = record.events_after(cur, after, execution_id=execution_id, through=through)
             # Read after the page: a prune that raced with it shows here.
             horizon = record.pruned_to(cur)
+            if page.large:
+                pool.retire(cur.connection)
+        events, full = page.events, page.full
+        del page
         if horizon > after:
             yield reset_message("events you missed were pruned (retention)", horizon), horizon
-            page = [e for e in page if e.event_id > horizon]
+            events = [e for e in events if e.event_id > horizon]
             after = horizon
-        if page:
-            after = page[-1].event_id
-            yield b"".join(e.frame for e in page), after
-        if len(page) < record.PAGE_SIZE:
+        if events:
+            after = events[-1].event_id
+        yield from _in_chunks(events)
+        del events  # one page at a time: this one is not held while the next is read
+        if not full:
             return
+
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _in_chunks(events: list[ExecutionEvent]) -> Iterator[tuple[bytes, int]]:
+    """Frames joined up to about CHUNK_BYTES, with the last id of each; a larger frame goes alone, uncopied."""
+    start, size = 0, 0
+    for i, event in enumerate(events):
+        if i > start and size + len(event.frame) > CHUNK_BYTES:
+            yield _joined(events[start:i]), events[i - 1].event_id
+            start, size = i, 0
+        size += len(event.frame)
+    if start < len(events):
+        yield _joined(events[start:]), events[-1].event_id
+
+
+def _joined(events: list[ExecutionEvent]) -> bytes:
+    return events[0].frame if len(events) == 1 else b"".join(event.frame for event in events)
 
 
 def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
                  expires_at: float | None = None,
-                 backlog: Callable[[int], Iterator[tuple[bytes, int]]] | None = None,
-                 start_position: Callable[[], int | None] | None = None,
+                 backlog: Callable[[int, int], Iterator[tuple[bytes, int]]] | None = None,
                  connection: Connection | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
-    With ``last_event_id``, ``backlog(last_event_id)`` supplies what the client
-    missed, as (frames, id reached), before the live events. When the stream
-    ends, its ``retry:`` is ``retry_ms`` plus a random share of
-    ``reconnect_spread_ms``, so the clients of a stopping worker come back
-    spread out instead of all at once.
+    The stream starts at the hub's position: every event after it is sent, none
+    up to it. With ``last_event_id``, ``backlog(last_event_id, position)``
+    supplies what the client missed, as (frames, id reached), before the live
+    events. When the stream ends, its ``retry:`` is ``retry_ms`` plus a random
+    share of ``reconnect_spread_ms``, so the clients of a stopping worker come
+    back spread out instead of all at once.
 
     At ``expires_at`` (the token's ``exp``) the stream ends with a
     ``token_expired`` event: the client refreshes its token and reconnects
@@ -187,25 +208,34 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     sub.expires_at = expires_at  # the hub ends it then (checked every second, no timer per stream)
     try:
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
-        # First write: tells EventSource how long to wait before a reconnect,
-        # and sends the headers, so the client knows it is subscribed.
-        # A new client (no Last-Event-ID) is also told where the record stands: an
-        # id-only block, which sets EventSource's last event id without an event.
-        # If the connection breaks before any event came, its reconnect then
-        # resumes from here instead of missing what was committed in between.
-        position = start_position() if last_event_id is None and start_position is not None else None
-        yield sse.Message(retry=retry_ms, id=position).encode() + sse.comment("connected")
-        # Subscribed before the backlog is read: an event committed meanwhile is
-        # in the record or in the queue (or both: the subscription skips ids already sent).
+        # Read right after subscribing, with no wait in between: every event published
+        # from now on is newer than the position, and every older one is not owed.
+        position = hub.position if hub.position is not None else hub.wait_position(POSITION_WAIT)
+        retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
+        if position is None:
+            log.warning("ending a new stream: this worker's listener has not reached the database yet")
+            yield sse.Message(retry=retry).encode() + sse.comment("not ready: reconnect")
+            return
+        # First write: tells EventSource how long to wait before a reconnect, and
+        # sends the headers, so the client knows it is subscribed. A new client (no
+        # Last-Event-ID) is also told the position: an id-only block, which sets
+        # EventSource's last event id without an event. If the connection breaks
+        # before any event came, its reconnect resumes from there.
+        first_id = position if last_event_id is None else None
+        yield sse.Message(retry=retry_ms, id=first_id).encode() + sse.comment("connected")
+        sub.skip_through = position if last_event_id is None else last_event_id
         if last_event_id is not None and backlog is not None:
-            sub.skip_through = last_event_id
             try:
-                for frames, reached in backlog(last_event_id):
+                for frames, reached in backlog(last_event_id, position):
                     yield frames
-                    sub.skip_through = reached
+                    del frames  # not held while the next page is read
+                    sub.skip_through = max(sub.skip_through, reached)
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return
+            # Ids up to the position that the record did not hold never will: the live
+            # events the subscription queued meanwhile carry on from there.
+            sub.skip_through = max(sub.skip_through, position)
         while True:
             batch = sub.next_batch()  # [] on the hub's keep-alive tick, or after a partial direct write
             raw = sub.take_raw()
@@ -218,12 +248,11 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                     yield sse.KEEPALIVE
                 continue
             # What piled up while the client was busy leaves in one write.
-            yield batch[0].frame if len(batch) == 1 else b"".join(event.frame for event in batch)
+            yield _joined(batch)
             stats.sent += len(batch)
         log.debug("stream ended (%s)", sub.reason)
         connection.last_response()
         # Spread the reconnects of many clients instead of a storm.
-        retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
         if sub.reason == TOKEN_EXPIRED:
             data = json.dumps({"reason": "the access token expired: refresh it and reconnect with Last-Event-ID"})
             yield sse.Message(data=data, event="token_expired", retry=retry).encode()

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from .config import Config
 from .db import Pool
 from .errors import ApiError, BadRequest
+from .event import MAX_BIGINT
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
@@ -117,9 +118,6 @@ def optional_string(body: dict[str, Any], field: str, *, max_length: int = 1000)
     if len(value) > max_length:
         raise invalid(field, f"must be at most {max_length} characters")
     return value
-
-
-MAX_BIGINT = 2**63 - 1  # ids are PostgreSQL bigints
 
 
 def parse_int(raw: str, name: str, *, minimum: int = 1) -> int:

@@ -193,7 +193,9 @@ def test_health_and_readiness(server: Any) -> None:
     ready = requests.get(server.base_url + "/readyz", timeout=5).json()["data"]
     assert ready["status"] == "ready"
     assert isinstance(ready["listener_backend_pid"], int)
-    assert set(ready["listener"]) == {"last_event_id", "received", "caught_up", "reconnects", "lag_seconds"}
+    assert set(ready["listener"]) == {"position", "received", "caught_up", "skipped", "rejected", "reconnects",
+                                      "lag_seconds"}
+    assert isinstance(ready["listener"]["position"], int)
     assert set(ready["hub"]) == {"published", "delivered", "sent", "overflows", "subscribed_total"}
 
 

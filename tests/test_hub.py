@@ -13,7 +13,7 @@ from attune_sse.hub import Hub
 
 
 def event(event_id: int, entity_id: int = 1) -> ExecutionEvent:
-    return ExecutionEvent.from_parts(event_id, entity_id, f'{{"entity_id": {entity_id}, "event_id": {event_id}}}')
+    return ExecutionEvent.from_record(event_id, entity_id, b'{"entity_id": %d, "event_id": %d}' % (entity_id, event_id))
 
 
 def test_every_subscriber_gets_every_event_in_order() -> None:
@@ -149,7 +149,8 @@ def test_idle_writer_gets_events_written_directly_as_chunks(socket_pair: Any) ->
     assert hub.publish_batch([event(1), event(2), event(3)]) == 3
     gevent.sleep(0)
     assert not reader.ready(), "the writer was not woken: the hub wrote for it"
-    assert _chunks(client_side.recv(65536)) == [event(1).frame, event(2).frame, event(3).frame]
+    # One chunk for the batch, made once whoever takes it.
+    assert _chunks(client_side.recv(65536)) == [event(1).frame + event(2).frame + event(3).frame]
     assert hub.stats.sent == 3 and sub.pending == 0
 
 
@@ -161,7 +162,7 @@ def test_direct_write_skips_what_a_resumed_stream_was_sent(socket_pair: Any) -> 
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
     assert hub.publish_batch([event(1), event(2), event(3), event(4)]) == 2
-    assert _chunks(client_side.recv(65536)) == [event(3).frame, event(4).frame]
+    assert _chunks(client_side.recv(65536)) == [event(3).frame + event(4).frame]
     reader.kill()
 
 
@@ -172,11 +173,12 @@ def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_p
     sub = hub.subscribe(fd=server_side.fileno())
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
-    big = ExecutionEvent.from_parts(1, 1, '{"event_id": 1, "result": "' + "x" * 200_000 + '"}')
+    big = ExecutionEvent.from_record(1, 1, b'{"event_id": 1, "result": "' + b"x" * 200_000 + b'"}')
     hub.publish(big)
     assert reader.get(timeout=1) == [], "woken, with no event queued: the rest is raw bytes"
     raw = sub.take_raw()
-    assert 0 < len(raw) < len(big.chunk) and big.chunk.endswith(raw)
+    chunk = b"%X\r\n%s\r\n" % (len(big.frame), big.frame)
+    assert 0 < len(raw) < len(chunk) and chunk.endswith(raw)
     # Now the socket is full: the next event cannot be written directly and is queued.
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
@@ -203,3 +205,22 @@ def test_queued_events_a_resumed_stream_was_sent_already_are_left_out() -> None:
     assert [e.event_id for e in sub.next_batch(0)] == [3]
     hub.publish(event(2))  # a late repeat is not even queued
     assert sub.pending == 0
+
+
+def test_position_is_the_last_id_published_and_only_grows() -> None:
+    hub = Hub()
+    assert hub.position is None and hub.wait_position(0.01) is None
+    hub.advance(10)
+    assert hub.wait_position(0) == 10
+    hub.publish_batch([event(11), event(12)])
+    assert hub.position == 12
+    hub.advance(5)  # a listener never moves it back
+    assert hub.position == 12
+
+
+def test_a_stream_waiting_for_the_first_position_is_woken() -> None:
+    hub = Hub()
+    waiter = gevent.spawn(hub.wait_position, 5)
+    gevent.sleep(0)
+    hub.advance(7)
+    assert waiter.get(timeout=1) == 7

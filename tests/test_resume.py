@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg2
@@ -94,64 +95,6 @@ def test_resume_by_query_parameter_and_bad_ids(server: Any, token: str, new_exec
                                 headers={"Last-Event-ID": bad}, timeout=10)
         assert response.status_code == 400, bad
         assert response.json()["code"] == "VALIDATION_ERROR"
-
-
-def test_transactions_committing_out_of_id_order_lose_nothing(
-    server: Any, token: str, database: Any, new_execution: Any
-) -> None:
-    """Transaction A draws its event id first, B second, and B tries to commit first.
-
-    The trigger's lock makes B wait for A, so ids follow commit order: a client
-    that saw B's event can never later find A's committed with a lower id.
-    """
-    a_id, b_id = new_execution(), new_execution()
-    live = Stream(server.base_url + STREAM, {"token": token})
-    ((start,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
-
-    conn_a, conn_b = database.connect(), database.connect()
-    conn_a.autocommit = conn_b.autocommit = False
-    try:
-        with conn_a.cursor() as cur:
-            cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (a_id,))
-        b_done = threading.Event()
-
-        def transaction_b() -> None:
-            with conn_b.cursor() as cur:
-                cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (b_id,))
-            conn_b.commit()
-            b_done.set()
-
-        threading.Thread(target=transaction_b, daemon=True).start()
-        assert not b_done.wait(1.0), "B committed while A, which drew the earlier id, was open"
-        # A client that resumes now sees neither: there is no committed event for it to skip past.
-        assert record_after(database, start) == []
-        conn_a.commit()
-        assert b_done.wait(10)
-    finally:
-        conn_a.close()
-        conn_b.close()
-
-    ids_in_commit_order = record_after(database, start)
-    assert [execution for _, execution in ids_in_commit_order] == [a_id, b_id]
-    last = ids_in_commit_order[-1][0]
-    try:
-        # (A late delivery of an INSERT's own event, id <= start, may precede these.)
-        events = live.events_until(lambda e: e["event_id"] == last)
-        mine = [(int(e.id), e.json["entity_id"]) for e in events if int(e.id) > start]
-        assert mine == ids_in_commit_order, "live order is commit order is id order"
-        resumed = Stream(server.base_url + STREAM, {"token": token, "last_event_id": start})
-        try:
-            replayed = resumed.events_until(lambda e: e["event_id"] == last)
-        finally:
-            resumed.close()
-        assert [(int(e.id), e.json["entity_id"]) for e in replayed] == ids_in_commit_order
-    finally:
-        live.close()
-
-
-def record_after(database: Any, after: int) -> list[tuple[int, int]]:
-    return [tuple(r) for r in database.query(
-        "SELECT id, execution FROM attune.execution_event WHERE id > %s ORDER BY id", (after,))]
 
 
 def test_every_event_arrives_through_listener_kills_and_a_database_restart(
@@ -283,3 +226,88 @@ def test_a_new_stream_is_told_its_position_so_a_reconnect_before_any_event_misse
     events = resumed.events_until(lambda doc: doc["entity_id"] == execution_id and doc["data"]["status"] == "running")
     assert [e.json["data"]["status"] for e in events if e.json["entity_id"] == execution_id] == ["requested",
                                                                                                   "running"]
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class _PeakRss:
+    """The highest RSS of a process while the ``with`` block runs, sampled every few milliseconds."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, _rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.003):
+            self.peak = max(self.peak, _rss(self.pid))
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _resume_and_count(url: str, params: dict[str, Any], events: int) -> int:
+    """Read a resumed stream until ``events`` events arrived; return the bytes read. The test
+    process keeps nothing of them, so the worker's memory is what the figures show."""
+    with requests.get(url, params=params, stream=True, timeout=(5, 60)) as response:
+        assert response.status_code == 200, response.text
+        # Each event is a block "id: N\\ndata: ...\\n\\n" after the blank line that ends the one before.
+        mark = b"\n\nid: "
+        seen, received, tail = 0, 0, b""
+        for chunk in response.iter_content(1 << 20):
+            received += len(chunk)
+            seen += (tail + chunk).count(mark) - tail.count(mark)
+            tail = (tail + chunk)[-len(mark) + 1:]
+            if seen == events and chunk.endswith(b"\n\n"):
+                return received
+    raise AssertionError(f"the stream ended after {seen} of {events} events")
+
+
+MiB = 1024 * 1024
+
+
+def test_a_resume_over_large_results_holds_about_a_page_and_gives_the_memory_back(
+    database: Any, tmp_path: Any, token: str, new_execution: Any, db: Any
+) -> None:
+    """20 events with 4 MB results: one resuming client grows its worker by at most 64 MiB, four at
+    once by at most 128 MiB, and the worker's memory comes back down after."""
+    from attune_sse.testing import ServerProcess
+
+    srv = ServerProcess(server_config(database, server={"workers": 1}), tmp_path).start()
+    try:
+        execution_id = new_execution()
+        ((start,),) = database.query("SELECT max(id) FROM attune.execution_event")
+        with db.cursor() as cur:
+            for n in range(20):
+                cur.execute("UPDATE attune.execution SET result = jsonb_build_object('n', %s::int, 'blob', %s) "
+                            "WHERE id = %s", (n, f"{n:02d}" * (2 * MiB), execution_id))
+        ((last,),) = database.query("SELECT max(id) FROM attune.execution_event")
+        ready = wait_until(lambda: (r := requests.get(srv.base_url + "/readyz", timeout=5).json()["data"])
+                           ["listener"]["position"] >= last and r, 30, "the listener to publish the 20 events")
+        worker = ready["pid"]
+        url, params = srv.base_url + STREAM, {"token": token, "execution_id": execution_id, "last_event_id": start}
+        baseline = _rss(worker)
+
+        with _PeakRss(worker) as one:
+            assert _resume_and_count(url, params, 20) > 20 * 4 * MiB
+        with _PeakRss(worker) as four, ThreadPoolExecutor(4) as pool:
+            sizes = list(pool.map(lambda _: _resume_and_count(url, params, 20), range(4)))
+        assert all(size > 20 * 4 * MiB for size in sizes)
+        print(f"worker RSS: baseline {baseline / MiB:.0f} MiB, one client +{(one.peak - baseline) / MiB:.0f} MiB, "
+              f"four clients +{(four.peak - baseline) / MiB:.0f} MiB")
+        assert one.peak - baseline <= 64 * MiB
+        assert four.peak - baseline <= 128 * MiB
+        wait_until(lambda: _rss(worker) <= baseline + 16 * MiB, 10, "the worker to give the memory back")
+    finally:
+        srv.stop()

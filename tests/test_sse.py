@@ -47,18 +47,32 @@ def test_unicode_is_utf8() -> None:
 
 
 def test_execution_event_frame_is_built_once() -> None:
-    payload = '{"entity_type":"execution","entity_id":5,"event_id":42,"data":{"id":5}}'
-    event = ExecutionEvent.from_parts(42, 5, payload)
+    payload = '{"entity_type":"execution","entity_id":5,"event_id":42,"data":{"id":5,"n":"ü"}}'
+    event = ExecutionEvent.from_record(42, 5, payload.encode())
     assert event.frame == f"id: 42\ndata: {payload}\n\n".encode()
 
 
+def test_a_payload_with_line_breaks_is_framed_line_by_line() -> None:
+    event = ExecutionEvent.from_record(7, 1, b'{"a":\n1}')
+    assert event.frame == b'id: 7\ndata: {"a":\ndata: 1}\n\n'
+
+
+def test_a_notification_names_its_event_and_execution() -> None:
+    payload = '{"entity_type" : "execution", "entity_id" : 5, "event_id" : 42, "truncated" : true}'
+    assert parse_notification(payload) == (42, 5)
+
+
 @pytest.mark.parametrize(
-    "payload",
-    ["not json", "[]", '{"entity_type":"pack","entity_id":1,"event_id":1}',
-     '{"entity_type":"execution","entity_id":"1","event_id":1}',
-     '{"entity_type":"execution","entity_id":1}',
-     '{"entity_type":"execution","entity_id":true,"event_id":1}'],
+    ("payload", "kind"),
+    [("not json", "not_json"), ("x" * 7999, "not_json"), ("[" * 100_000, "not_json"),
+     ("[]", "not_an_event"), ('{"entity_type":"pack","entity_id":1,"event_id":1}', "not_an_event"),
+     ('{"entity_type":"execution","entity_id":"1","event_id":1}', "not_an_event"),
+     ('{"entity_type":"execution","entity_id":1}', "not_an_event"),
+     ('{"entity_type":"execution","entity_id":true,"event_id":1}', "not_an_event"),
+     ('{"entity_type":"execution","entity_id":1,"event_id":0}', "not_an_event"),
+     ('{"entity_type":"execution","entity_id":1,"event_id":9223372036854775808}', "not_an_event")],
 )
-def test_malformed_notifications_are_refused(payload: str) -> None:
-    with pytest.raises(PayloadError):
+def test_notifications_not_from_the_trigger_are_refused_by_kind(payload: str, kind: str) -> None:
+    with pytest.raises(PayloadError) as refused:
         parse_notification(payload)
+    assert refused.value.kind == kind

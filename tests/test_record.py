@@ -1,0 +1,241 @@
+"""The record is the truth: ids in commit order without a writer lock, commits in flight, failed commits.
+
+Writers are real PostgreSQL sessions; the clients are SSE streams on the real
+server. A test-only deferred trigger, named to fire after the event trigger,
+can hold a committing transaction after its event id was drawn (until the test
+releases an advisory lock) or fail it there, which is how a commit in flight
+and a commit that fails look to a reader.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+
+from helpers import Stream, wait_until
+
+STREAM = "/api/v1/executions/stream"
+RELEASE_KEY = 7_202_611  # the advisory lock a held commit waits for
+
+HOLD_TRIGGER = f"""
+CREATE FUNCTION attune.test_hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    CASE current_setting('attune_test.commit', true)
+        WHEN 'hold' THEN PERFORM pg_advisory_xact_lock({RELEASE_KEY});
+        WHEN 'fail' THEN RAISE EXCEPTION 'attune_test: this commit fails after its event id was drawn';
+        ELSE NULL;
+    END CASE;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER zz_test_hold_commit AFTER INSERT OR UPDATE ON attune.execution
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION attune.test_hold_commit();
+"""
+
+
+@pytest.fixture
+def commit_control(database: Any) -> Iterator[Any]:
+    """Connections whose commits can be held after their event id is drawn, or failed there."""
+    database.query(HOLD_TRIGGER)
+    release = database.connect()
+    opened: list[Any] = [release]
+
+    def writer(mode: str | None = None) -> Any:
+        conn = psycopg2.connect(database.url, application_name="attune-sse-tests-writer")
+        opened.append(conn)
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = '20s'")  # a held commit never hangs the suite
+            if mode:
+                cur.execute("SELECT set_config('attune_test.commit', %s, false)", (mode,))
+        conn.commit()
+        return conn
+
+    writer.release = release
+    try:
+        yield writer
+    finally:
+        for conn in opened:
+            conn.close()
+        database.query("DROP TRIGGER zz_test_hold_commit ON attune.execution; "
+                       "DROP FUNCTION attune.test_hold_commit()")
+
+
+def _update(conn: Any, execution_id: int, status: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (status, execution_id))
+
+
+def _events_of(database: Any, execution_id: int) -> list[int]:
+    return [r[0] for r in database.query(
+        "SELECT id FROM attune.execution_event WHERE execution = %s ORDER BY id", (execution_id,))]
+
+
+def test_an_open_transaction_delays_no_other_writer_and_its_events_come_at_commit(
+    server: Any, token: str, database: Any, new_execution: Any
+) -> None:
+    one, two = new_execution(), new_execution()
+    live = Stream(server.base_url + STREAM, {"token": token})
+    slow = psycopg2.connect(database.url, application_name="attune-sse-tests-open")
+    other = psycopg2.connect(database.url, application_name="attune-sse-tests-other")
+    try:
+        _update(slow, one, "running")  # and the transaction stays open
+        with other.cursor() as cur:
+            cur.execute("SET statement_timeout = '5s'")  # fails fast, not forever, if writers still queue
+        began = time.monotonic()
+        _update(other, two, "running")
+        other.commit()
+        took = time.monotonic() - began
+        assert took < 1.0, f"a write of another execution waited {took:.2f}s for an open transaction"
+        seen = live.events_until(lambda e: e["entity_id"] == two and e["data"]["status"] == "running")
+        two_running = int(seen[-1].id)
+        assert all(e.json["entity_id"] != one or e.json["data"]["status"] != "running" for e in seen)
+
+        slow.commit()
+        after = live.events_until(lambda e: e["entity_id"] == one and e["data"]["status"] == "running")
+        one_running = int(after[-1].id)
+        assert one_running > two_running, "the id is drawn at commit: after every event seen before it"
+        resumed = Stream(server.base_url + STREAM, {"token": token, "last_event_id": two_running})
+        replay = resumed.events_until(lambda e: e["event_id"] == one_running)
+        assert [int(e.id) for e in replay if e.json["entity_id"] in (one, two)] == [one_running]
+    finally:
+        slow.close()
+        other.close()
+
+
+def test_a_commit_in_flight_holds_back_later_ids_until_it_lands(
+    server: Any, token: str, database: Any, new_execution: Any, commit_control: Any
+) -> None:
+    held_execution, quick_execution = new_execution(), new_execution()
+    live = Stream(server.base_url + STREAM, {"token": token})
+    ((start,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    release = commit_control.release
+    with release.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (RELEASE_KEY,))
+    held = commit_control("hold")
+    _update(held, held_execution, "running")
+    committed = threading.Event()
+    threading.Thread(target=lambda: (held.commit(), committed.set()), daemon=True).start()
+    # The held commit has drawn its id once the record's sequence moved past it.
+    wait_until(lambda: database.query("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                      "AND objid = %s AND NOT granted", (RELEASE_KEY,))[0][0] == 1,
+               10, "the commit to wait at the test's lock, its event id drawn")
+    quick = commit_control()
+    _update(quick, quick_execution, "running")
+    quick.commit()
+    (quick_id,) = _events_of(database, quick_execution)[-1:]
+    assert not _events_of(database, held_execution)[1:], "the held event is not visible yet"
+
+    # The quick event is in the record, but a lower id is in flight: nobody may receive it yet.
+    assert quick_id not in [int(e.id) for e in _drain(live, 1.0)]
+    resumed = Stream(server.base_url + STREAM, {"token": token, "last_event_id": start})
+    assert quick_id not in [int(e.id) for e in _drain(resumed, 0.5)]
+
+    with release.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (RELEASE_KEY,))
+    assert committed.wait(10)
+    held_id = _events_of(database, held_execution)[-1]
+    assert held_id < quick_id
+    for stream in (live, resumed):
+        events = stream.events_until(lambda e: e["event_id"] == quick_id)
+        mine = [int(e.id) for e in events if e.json["entity_id"] in (held_execution, quick_execution)]
+        assert mine[-2:] == [held_id, quick_id], "in id order, the held one first"
+        ids = [int(e.id) for e in stream.received]
+        assert ids == sorted(set(ids))
+
+
+def test_an_id_whose_commit_failed_is_passed_within_moments(
+    server: Any, token: str, database: Any, new_execution: Any, commit_control: Any
+) -> None:
+    failing_execution, next_execution = new_execution(), new_execution()
+    live = Stream(server.base_url + STREAM, {"token": token})
+    ((before,),) = database.query("SELECT last_value FROM attune.execution_event_id_seq")
+    failing = commit_control("fail")
+    _update(failing, failing_execution, "running")
+    with pytest.raises(psycopg2.errors.RaiseException):
+        failing.commit()
+    writer = commit_control()
+    _update(writer, next_execution, "running")
+    writer.commit()
+    (next_id,) = _events_of(database, next_execution)[-1:]
+    assert next_id > before + 1, "the failed commit drew an id that will never be in the record"
+
+    began = time.monotonic()
+    events = live.events_until(lambda e: e["event_id"] == next_id, timeout=5)
+    waited = time.monotonic() - began
+    assert waited < 2.0, f"the event after a failed commit waited {waited:.2f}s"
+    assert all(e.json["entity_id"] != failing_execution or e.json["data"]["status"] != "running" for e in events)
+    assert "drawn by transactions that did not commit" in server.log()
+
+
+def test_10000_events_from_32_writers_each_client_gets_each_once_in_order_and_resume_is_complete(
+    server: Any, token: str, database: Any, new_execution: Any
+) -> None:
+    executions = [new_execution() for _ in range(64)]
+    url = server.base_url + STREAM
+    ((start,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    clients = [Stream(url, {"token": token, "last_event_id": start}) for _ in range(4)]
+    total, writers = 10_000, 32
+    failed: list[BaseException] = []
+
+    def write(n: int, seed: int) -> None:
+        rng = random.Random(seed)
+        conn = psycopg2.connect(database.url, application_name="attune-sse-tests-writer")
+        try:
+            made = 0
+            while made < n:
+                # Transactions of one to three changes; some roll back (no event at all).
+                size = min(n - made, rng.randint(1, 3))
+                with conn.cursor() as cur:
+                    for execution_id in sorted(rng.sample(executions, size)):  # in one order: no deadlock
+                        cur.execute("UPDATE attune.execution SET result = %s WHERE id = %s",
+                                    (f'{{"w": {seed}}}', execution_id))
+                if rng.random() < 0.05:
+                    conn.rollback()
+                    continue
+                conn.commit()
+                made += size
+        except BaseException as exc:  # reported by the test below
+            failed.append(exc)
+        finally:
+            conn.close()
+
+    shares = [total // writers + (1 if i < total % writers else 0) for i in range(writers)]
+    threads = [threading.Thread(target=write, args=(share, i)) for i, share in enumerate(shares)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failed, failed
+    recorded = [r[0] for r in database.query(
+        "SELECT id FROM attune.execution_event WHERE id > %s AND execution = ANY(%s) ORDER BY id",
+        (start, executions))]
+    assert len(recorded) == total
+    for client in clients:
+        client.events_until(lambda e, last=recorded[-1]: e["event_id"] == last, timeout=60)
+        ids = [int(e.id) for e in client.received if e.json["entity_id"] in executions]
+        assert ids == recorded, "every event once, in id order"
+
+    rng = random.Random(9)
+    for after in [start, *rng.sample(recorded[:-1], 3)]:
+        resumed = Stream(url, {"token": token, "last_event_id": after})
+        replay = resumed.events_until(lambda e, last=recorded[-1]: e["event_id"] == last, timeout=30)
+        resumed.close()
+        assert [int(e.id) for e in replay if e.json["entity_id"] in executions] == \
+            [i for i in recorded if i > after], f"resume from {after} is complete"
+
+
+def _drain(stream: Stream, seconds: float) -> list[Any]:
+    """Every event that arrives within ``seconds``."""
+    events = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            events.append(stream.next_event(left))
+        except AssertionError:
+            break
+    return events
