@@ -67,6 +67,10 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
         "log": {"level": "warn"},
     }))
     config = load_config(config_path, environ={})
+    # Ctrl-C (or a SIGTERM) stops the demo even when it was started with SIGINT ignored,
+    # as a background job of a non-interactive shell is.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     say(f"starting the embedded PostgreSQL in {data_dir} (a few seconds the first time)...")
     with database(config) as url:
         apply_migrations(url)
@@ -85,6 +89,10 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
                 server.wait(15)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def wait_ready(base_url: str, server: subprocess.Popen, timeout: float = 60) -> None:
