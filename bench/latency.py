@@ -1,6 +1,6 @@
 """Time from an UPDATE's commit to its arrival: the SSE pipeline against a raw LISTEN.
 
-    .venv/bin/python bench/latency.py [--updates 100] [--workers 2]
+    .venv/bin/python bench/latency.py [--updates 100] [--workers 2] [--open-seconds 60]
 
 Starts an embedded PostgreSQL (or uses ATTUNE_BENCH_DATABASE_URL) and a real
 gunicorn with gevent workers, then makes UPDATEs one at a time. Each is timed
@@ -8,6 +8,11 @@ to its arrival at (a) an SSE client of the service, read with sseclient-py,
 and (b) a plain psycopg2 connection LISTENing on the same channel: the floor
 PostgreSQL itself sets, measured in the same run. Prints a table with the
 ratio of each row to that baseline.
+
+With ``--open-seconds S``: the same updates for S seconds with nothing else
+going on, then for S seconds while a transaction that UPDATEd another
+execution stays open; the writer's commit time and the delivery time, each
+phase, and when the open transaction's own event arrives once it commits.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import requests
@@ -84,10 +90,45 @@ def read_listen(database_url: str, arrivals: Arrivals, connected: threading.Even
     conn.close()
 
 
+def timed_updates(cur: Any, execution_id: int, count: int, arrivals: dict[str, Arrivals],
+                  pause: float = 0.01) -> dict[str, list[float]]:
+    """``count`` UPDATEs one at a time: how long each took to commit, and from its commit to each arrival."""
+    rows: dict[str, list[float]] = {"commit": [], **{name: [] for name in arrivals}}
+    statuses = ["running", "completed"]
+    for i in range(count):
+        began = time.perf_counter()
+        cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (statuses[i % 2], execution_id))
+        committed = time.perf_counter()
+        rows["commit"].append(committed - began)
+        cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
+        event_id = cur.fetchone()[0]
+        for name, arrived in arrivals.items():
+            rows[name].append(arrived.wait(event_id, 10) - committed)
+        time.sleep(pause)  # a quiet machine between updates
+    return rows
+
+
+def print_rows(rows: dict[str, list[float]], base: str | None) -> None:
+    print(f"{'':<34} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50 ratio':>10}")
+    for name, values in rows.items():
+        ms = [v * 1000 for v in values]
+        ratio = f"{statistics.median(values) / statistics.median(rows[base]):>9.1f}x" if base else ""
+        print(f"{name:<34} {len(ms):>5} {statistics.median(ms):>8.2f} {percentile(ms, 0.9):>8.2f} "
+              f"{percentile(ms, 0.99):>8.2f} {max(ms):>8.2f} {ratio}")
+
+
+def new_execution(cur: Any) -> int:
+    cur.execute("INSERT INTO attune.execution (action_ref) VALUES ('bench_pack.act') RETURNING id")
+    return cur.fetchone()[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--updates", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--open-seconds", type=float, default=0,
+                        help="then compare, for this long each, updates with nothing open and with a "
+                             "transaction on another execution left open")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -100,40 +141,67 @@ def main() -> None:
             cur.execute("""INSERT INTO attune.action (ref, pack, pack_ref, label)
                            SELECT 'bench_pack.act', id, ref, 'a' FROM attune.pack WHERE ref = 'bench_pack'
                            ON CONFLICT DO NOTHING""")
-            cur.execute("INSERT INTO attune.execution (action_ref) VALUES ('bench_pack.act') RETURNING id")
-            execution_id = cur.fetchone()[0]
+            execution_id, held_id = new_execution(cur), new_execution(cur)
 
-            sse_arrivals, raw_arrivals = Arrivals(), Arrivals()
-            ready = [threading.Event(), threading.Event()]
-            threading.Thread(target=read_sse, daemon=True, args=(
-                server.base_url + "/api/v1/executions/stream", token, execution_id, sse_arrivals, ready[0])).start()
+            sse_arrivals, raw_arrivals, held_arrivals = Arrivals(), Arrivals(), Arrivals()
+            ready = [threading.Event(), threading.Event(), threading.Event()]
+            stream_url = server.base_url + "/api/v1/executions/stream"
+            threading.Thread(target=read_sse, daemon=True,
+                             args=(stream_url, token, execution_id, sse_arrivals, ready[0])).start()
             threading.Thread(target=read_listen, daemon=True,
                              args=(database_url, raw_arrivals, ready[1], stop)).start()
+            threading.Thread(target=read_sse, daemon=True,
+                             args=(stream_url, token, held_id, held_arrivals, ready[2])).start()
             for event in ready:
                 event.wait(10)
 
-            rows: dict[str, list[float]] = {"raw LISTEN (baseline)": [], "attune-sse SSE client": []}
-            statuses = ["running", "completed"]
-            for i in range(args.updates):
-                cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (statuses[i % 2], execution_id))
-                committed = time.perf_counter()
-                cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
-                event_id = cur.fetchone()[0]
-                rows["raw LISTEN (baseline)"].append(raw_arrivals.wait(event_id, 10) - committed)
-                rows["attune-sse SSE client"].append(sse_arrivals.wait(event_id, 10) - committed)
-                time.sleep(0.01)  # a quiet machine between updates, as the issue asks
-
-            base = statistics.median(rows["raw LISTEN (baseline)"])
+            rows = timed_updates(cur, execution_id, args.updates,
+                                 {"raw LISTEN (baseline)": raw_arrivals, "attune-sse SSE client": sse_arrivals})
+            del rows["commit"]
             print(f"\nUPDATE commit -> arrival, {args.updates} sequential updates, "
                   f"{args.workers} gevent workers, {os.cpu_count()} cores")
-            print(f"{'path':<24} {'n':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p50/baseline':>13}")
-            for name, values in rows.items():
-                ms = [v * 1000 for v in values]
-                print(f"{name:<24} {len(ms):>5} {statistics.median(ms):>8.2f} {percentile(ms, 0.9):>8.2f} "
-                      f"{percentile(ms, 0.99):>8.2f} {max(ms):>8.2f} {statistics.median(values) / base:>12.1f}x")
+            print_rows(rows, "raw LISTEN (baseline)")
+            if args.open_seconds:
+                compare_open_transaction(database_url, cur, execution_id, held_id, sse_arrivals, held_arrivals,
+                                         args.open_seconds)
             conn.close()
         finally:
             stop.set()  # ends the LISTEN reader thread
+
+
+def compare_open_transaction(database_url: str, cur: Any, execution_id: int, held_id: int,
+                             arrivals: Arrivals, held_arrivals: Arrivals, seconds: float) -> None:
+    """Updates of one execution for ``seconds`` with nothing open, then as long again while a
+    transaction that changed another execution stays open; then that transaction commits."""
+    per_phase = max(1, int(seconds / 0.0125))  # ~12.5 ms an update: 10 ms pause, commit and arrival
+    rows = {}
+    began = time.monotonic()
+    quiet = timed_updates(cur, execution_id, per_phase, {"sse": arrivals})
+    quiet_seconds = time.monotonic() - began
+    held = psycopg2.connect(database_url, application_name="bench-open-transaction")
+    try:
+        with held.cursor() as held_cur:
+            held_cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (held_id,))
+        began = time.monotonic()
+        busy = timed_updates(cur, execution_id, per_phase, {"sse": arrivals})
+        while time.monotonic() - began < seconds:  # open for `seconds` at least
+            time.sleep(0.05)
+        open_seconds = time.monotonic() - began
+        held.commit()
+        committed = time.perf_counter()
+        cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (held_id,))
+        held_delivery = held_arrivals.wait(cur.fetchone()[0], 10) - committed
+    finally:
+        held.close()
+    rows["other writer's commit, nothing open"] = quiet["commit"]
+    rows["other writer's commit, txn open"] = busy["commit"]
+    rows["commit -> client, nothing open"] = quiet["sse"]
+    rows["commit -> client, txn open"] = busy["sse"]
+    print(f"\nA transaction that UPDATEd another execution left open {open_seconds:.0f} s, against "
+          f"{quiet_seconds:.0f} s with nothing open: {per_phase} sequential updates each")
+    print_rows(rows, None)
+    print(f"the open transaction's own event reached its client {held_delivery * 1000:.1f} ms after it "
+          f"committed, {open_seconds:.0f} s after the change")
 
 
 @contextmanager

@@ -190,8 +190,9 @@ class Updater:
                     execution_id = self.execution_ids[k % len(self.execution_ids)]
                     status = statuses[(k // len(self.execution_ids) + self.round) % 2]
                     began = time.monotonic()
-                    cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s; "
-                                "SELECT currval('attune.execution_event_id_seq')", (status, execution_id))
+                    cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (status, execution_id))
+                    # The event's id is drawn as the UPDATE commits, in this session.
+                    cur.execute("SELECT currval('attune.execution_event_id_seq')")
                     event_id = cur.fetchone()[0]
                     with lock:
                         commits[event_id] = began
