@@ -243,21 +243,25 @@ class Listener:
         """Publish the record's events after the position, up to a missing id; return how many."""
         published = 0
         while True:
+            gap = self._gap
+            # While an id is missing, only up to the event seen after it: the rest was read already.
+            through = None if gap is None else gap.below
             self._last_read = time.monotonic()
             with conn.cursor() as cur:
-                page = record.events_after(cur, self.position, prepared=True)
+                page = record.events_after(cur, self.position, through=through, prepared=True)
             events = page.events
             run = 0  # the events that follow the position without a hole
             while run < len(events) and events[run].event_id == self.position + 1 + run:
                 run += 1
             self._publish(events[:run])
             published += run
-            if run < len(events):
+            if run < len(events):  # an id is missing before events[run]
                 self._gap_before(events[run].event_id)
                 if not self._look_at_gap(conn):
                     return published
+            elif gap is not None:
+                self._gap = None  # filled: read on, unbounded
             elif not page.full:
-                self._gap = None
                 return published
 
     def _publish(self, events: list[ExecutionEvent]) -> None:

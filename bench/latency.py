@@ -69,8 +69,9 @@ class Arrivals:
             return self.times[event_id]
 
 
-def read_sse(url: str, token: str, execution_id: int, arrivals: Arrivals, connected: threading.Event) -> None:
-    response = requests.get(url, params={"token": token, "execution_id": execution_id}, stream=True, timeout=(5, 60))
+def read_sse(url: str, token: str, execution_id: int | None, arrivals: Arrivals, connected: threading.Event) -> None:
+    params = {"token": token} if execution_id is None else {"token": token, "execution_id": execution_id}
+    response = requests.get(url, params=params, stream=True, timeout=(5, 60))
     response.raise_for_status()
     connected.set()
     for event in sseclient.SSEClient(response).events():
@@ -90,17 +91,20 @@ def read_listen(database_url: str, arrivals: Arrivals, connected: threading.Even
     conn.close()
 
 
-def timed_updates(cur: Any, execution_id: int, count: int, arrivals: dict[str, Arrivals],
+def timed_updates(cur: Any, execution_ids: list[int], count: int, arrivals: dict[str, Arrivals],
                   pause: float = 0.01) -> dict[str, list[float]]:
-    """``count`` UPDATEs one at a time: how long each took to commit, and from its commit to each arrival."""
+    """``count`` UPDATEs one at a time, round the executions: how long each took to commit, and
+    from its commit to each arrival."""
     rows: dict[str, list[float]] = {"commit": [], **{name: [] for name in arrivals}}
     statuses = ["running", "completed"]
     for i in range(count):
+        execution_id = execution_ids[i % len(execution_ids)]
         began = time.perf_counter()
-        cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s", (statuses[i % 2], execution_id))
+        cur.execute("UPDATE attune.execution SET status = %s WHERE id = %s",
+                    (statuses[i // len(execution_ids) % 2], execution_id))
         committed = time.perf_counter()
         rows["commit"].append(committed - began)
-        cur.execute("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (execution_id,))
+        cur.execute("SELECT currval('attune.execution_event_id_seq')")  # drawn as the UPDATE committed
         event_id = cur.fetchone()[0]
         for name, arrived in arrivals.items():
             rows[name].append(arrived.wait(event_id, 10) - committed)
@@ -155,35 +159,43 @@ def main() -> None:
             for event in ready:
                 event.wait(10)
 
-            rows = timed_updates(cur, execution_id, args.updates,
+            rows = timed_updates(cur, [execution_id], args.updates,
                                  {"raw LISTEN (baseline)": raw_arrivals, "attune-sse SSE client": sse_arrivals})
             del rows["commit"]
             print(f"\nUPDATE commit -> arrival, {args.updates} sequential updates, "
                   f"{args.workers} gevent workers, {os.cpu_count()} cores")
             print_rows(rows, "raw LISTEN (baseline)")
             if args.open_seconds:
-                compare_open_transaction(database_url, cur, execution_id, held_id, sse_arrivals, held_arrivals,
+                everything = Arrivals()
+                ready = threading.Event()
+                threading.Thread(target=read_sse, daemon=True,
+                                 args=(stream_url, token, None, everything, ready)).start()
+                ready.wait(10)
+                others = [new_execution(cur) for _ in range(200)]
+                compare_open_transaction(database_url, cur, others, held_id, everything, held_arrivals,
                                          args.open_seconds)
             conn.close()
         finally:
             stop.set()  # ends the LISTEN reader thread
 
 
-def compare_open_transaction(database_url: str, cur: Any, execution_id: int, held_id: int,
+def compare_open_transaction(database_url: str, cur: Any, execution_ids: list[int], held_id: int,
                              arrivals: Arrivals, held_arrivals: Arrivals, seconds: float) -> None:
-    """Updates of one execution for ``seconds`` with nothing open, then as long again while a
-    transaction that changed another execution stays open; then that transaction commits."""
+    """Updates of other executions for ``seconds`` with nothing open, then as long again while a
+    transaction that changed one execution stays open; then that transaction commits. (Round
+    the executions, as real traffic goes: thousands of updates of one row behind an open
+    transaction measure PostgreSQL's dead row versions, which it cannot prune meanwhile.)"""
     per_phase = max(1, int(seconds / 0.0125))  # ~12.5 ms an update: 10 ms pause, commit and arrival
     rows = {}
     began = time.monotonic()
-    quiet = timed_updates(cur, execution_id, per_phase, {"sse": arrivals})
+    quiet = timed_updates(cur, execution_ids, per_phase, {"sse": arrivals})
     quiet_seconds = time.monotonic() - began
     held = psycopg2.connect(database_url, application_name="bench-open-transaction")
     try:
         with held.cursor() as held_cur:
             held_cur.execute("UPDATE attune.execution SET status = 'running' WHERE id = %s", (held_id,))
         began = time.monotonic()
-        busy = timed_updates(cur, execution_id, per_phase, {"sse": arrivals})
+        busy = timed_updates(cur, execution_ids, per_phase, {"sse": arrivals})
         while time.monotonic() - began < seconds:  # open for `seconds` at least
             time.sleep(0.05)
         open_seconds = time.monotonic() - began
@@ -197,8 +209,9 @@ def compare_open_transaction(database_url: str, cur: Any, execution_id: int, hel
     rows["other writer's commit, txn open"] = busy["commit"]
     rows["commit -> client, nothing open"] = quiet["sse"]
     rows["commit -> client, txn open"] = busy["sse"]
-    print(f"\nA transaction that UPDATEd another execution left open {open_seconds:.0f} s, against "
-          f"{quiet_seconds:.0f} s with nothing open: {per_phase} sequential updates each")
+    print(f"\nA transaction that UPDATEd one execution left open {open_seconds:.0f} s, against "
+          f"{quiet_seconds:.0f} s with nothing open: {per_phase} sequential updates of {len(execution_ids)} "
+          f"other executions each, one SSE client of all executions")
     print_rows(rows, None)
     print(f"the open transaction's own event reached its client {held_delivery * 1000:.1f} ms after it "
           f"committed, {open_seconds:.0f} s after the change")

@@ -101,9 +101,9 @@ class Database:
             self.execute((TRIGGER_SQL / f"{name}.sql").read_text())
         self.drop_triggers()
 
-    def execute(self, sql: str, params: tuple = ()) -> None:
+    def execute(self, sql: str, params: tuple | None = None) -> None:
         with self.conn.cursor() as cur:
-            cur.execute(sql, params)
+            cur.execute(sql, params)  # no params: no % interpolation (the trigger files use format())
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self.conn.cursor() as cur:
