@@ -9,6 +9,7 @@ and a commit that fails look to a reader.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -239,3 +240,51 @@ def _drain(stream: Stream, seconds: float) -> list[Any]:
         except AssertionError:
             break
     return events
+
+
+def _first_block_and_ids(stream: Any, seconds: float) -> tuple[int, list[int]]:
+    """The id of a raw stream's first (id-only) block, and the ids of the events read for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    stream.sock.settimeout(0.05)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):  # nothing in this slice of time
+            stream.data += stream.sock.recv(65536)
+    text = stream.body()[0].decode()
+    first = text.split("\n\n")[0]
+    assert first.startswith("id: ") and "data:" not in first, first
+    return int(first.split("\n")[0][4:]), stream.event_ids()[1:]
+
+
+def test_a_new_stream_never_sends_an_event_at_or_before_the_position_it_announced(
+    server: Any, token: str, database: Any, new_execution: Any
+) -> None:
+    """Streams opened right after a commit, while a writer keeps the listeners busy: the events a
+    stream sends are all after the id its first block gave (they used to include the commit just
+    before it, when the listener was a moment behind)."""
+    from helpers import RawStream
+
+    busy = new_execution()
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        conn = psycopg2.connect(database.url, application_name="attune-sse-tests-busy")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("UPDATE attune.execution SET result = '{\"busy\": true}' WHERE id = %s", (busy,))
+        conn.close()
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    try:
+        for _ in range(20):
+            new_execution()  # committed just before the stream opens
+            stream = RawStream(server.base_url, {"token": token})
+            position, ids = _first_block_and_ids(stream, 0.3)
+            stream.close()
+            assert ids, "the busy writer's events came"
+            assert min(ids) > position, f"announced {position}, then sent {[i for i in ids if i <= position]}"
+            assert ids == sorted(set(ids))
+    finally:
+        stop.set()
+        writer.join(10)
