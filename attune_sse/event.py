@@ -52,6 +52,13 @@ class ExecutionEvent:
         return cls(event_id=event_id, entity_id=entity_id, frame=frame, recorded_at=recorded_at)
 
 
+def reset_frame(reason: str, position: int) -> bytes:
+    """``event: reset``: the client's history has a hole (pruned, or the database went back in time);
+    it should reload what it shows. Its id is where the stream goes on from."""
+    data = json.dumps({"reason": reason, "resumed_from_event_id": position}, separators=(",", ":"))
+    return Message(data=data, event="reset", id=position).encode()
+
+
 def parse_notification(payload: str) -> tuple[int, int]:
     """(event id, execution id) that a notification announces, or PayloadError."""
     try:

@@ -177,6 +177,17 @@ class Hub:
             self.position = position
             self._positioned.set()
 
+    def reset(self, frame: bytes, position: int) -> None:
+        """Every client's history has a hole up to ``position`` (events pruned before the listener
+        published them, or a database that went back in time): send each the ``reset`` frame,
+        and go on from ``position``, lower than before if the database went back."""
+        self.position = position
+        self._positioned.set()
+        notice = ExecutionEvent(event_id=position, entity_id=0, frame=frame)
+        for sub in self._subscribers():
+            sub.skip_through = position - 1  # the notice passes; later events are all after it
+            sub._offer([notice])
+
     def wait_position(self, timeout: float) -> int | None:
         """The position, waiting up to ``timeout`` s for the listener's first; None if it has none yet."""
         if self.position is None:

@@ -11,15 +11,17 @@ logged once per kind.
 
 Order and completeness. Every event id up to the position is resolved:
 published, or known never to commit. The trigger draws ids as transactions
-commit, and each holds the id sequence's lock until its commit is visible
-(see the migration), so an id missing below a visible one is a commit in
-flight. The listener stops before it and reads again at the next doorbell,
-which is usually that very commit's. If it is still missing after
-``GAP_GRACE``, the listener takes the transactions holding that lock, waits
-until they have ended, and reads once more: an id still missing then was
-drawn by a transaction that failed while committing, and is passed. So
-clients receive ids in increasing order and "every event after id N" is a
-complete answer.
+commit, each holding locks on the record's table and sequence from before it
+draws until its commit is visible (see the migration), so an id missing below
+a visible one is a commit in flight. The listener stops before it and reads
+again at the next doorbell, which is usually that very commit's. If it is
+still missing after ``GAP_GRACE``, the listener takes the transactions holding
+those locks, waits until they have ended, and reads once more: an id still
+missing then was drawn by a transaction that failed while committing, and is
+passed. So clients receive ids in increasing order and "every event after id
+N" is a complete answer. Events pruned before the listener published them,
+or a database that went back in time (a restore, a failover), make it send
+its clients a ``reset``.
 
 Faults: a lost connection is retried with capped exponential backoff and
 jitter, each attempt logged. A server that vanished without closing the
@@ -46,7 +48,7 @@ import psycopg2
 
 from . import record
 from .db import connect
-from .event import ExecutionEvent, PayloadError, parse_notification
+from .event import ExecutionEvent, PayloadError, parse_notification, reset_frame
 from .hub import Hub
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class PingTimeout(Exception):
     """PostgreSQL did not answer a ping in time: the connection is taken for dead."""
 
 
+class RecordMisconfigured(Exception):
+    """The event record is set up so that this listener cannot keep its promises; the message says how to fix it."""
+
+
 @dataclass
 class _Gap:
     """The id after the position is missing while ``below`` was in the record (seen at ``since``)."""
@@ -71,7 +77,7 @@ class _Gap:
     first: int
     below: int
     since: float
-    holders: list[str] | None = None  # transactions that had drawn ids, once the grace was over
+    holders: list[tuple[str, int]] | None = None  # (vxid, pid) that had drawn ids once the grace was over
     recheck: float = 0.02
     next_look: float = 0.0
 
@@ -105,6 +111,7 @@ class Listener:
         self._recent: OrderedDict[int, int] = OrderedDict()  # event id -> execution id
         self._gap: _Gap | None = None
         self._last_read = 0.0  # time.monotonic() of the last page read
+        self._last_published: tuple[int, float] | None = None  # (id, commit time) of the last event published
         self._connected = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
 
@@ -140,6 +147,7 @@ class Listener:
                 elif attempt:
                     self.reconnects += 1
                     log.warning("listener: reconnected to PostgreSQL after %d attempt(s)", attempt)
+                    self._check_not_rewound(conn)
                 caught_up = self._read(conn)
                 if attempt and caught_up:
                     self.caught_up += caught_up
@@ -148,7 +156,7 @@ class Listener:
                 self._connected.set()
                 self._serve(conn)
             except Exception as exc:
-                if not isinstance(exc, (psycopg2.Error, OSError, PingTimeout)):
+                if not isinstance(exc, (psycopg2.Error, OSError, PingTimeout, RecordMisconfigured)):
                     # A bug, not a network fault: say so loudly, but keep the worker's stream alive.
                     log.exception("listener: unexpected error; reconnecting")
                 attempt += 1
@@ -174,22 +182,52 @@ class Listener:
     def _start_position(self, conn: Any) -> None:
         """Start after the newest event, once the commits in flight have ended (their ids may be lower)."""
         with conn.cursor() as cur:
+            if record.sequence_cache(cur) != 1:
+                raise RecordMisconfigured(
+                    f"{record.SEQUENCE} hands out ids in blocks (CACHE > 1), so they are not drawn in time "
+                    f"order and this listener could pass events that commit later: "
+                    f"ALTER SEQUENCE {record.SEQUENCE} CACHE 1")
             newest = record.newest(cur)
             holders = record.id_holders(cur)
         waited_since = time.monotonic()
-        warned = 0.0
+        pause, warned = 0.01, 0.0
         while holders:
             with conn.cursor() as cur:
-                if not record.still_holding(cur, holders):
+                if not record.still_holding(cur, [vxid for vxid, _ in holders]):
                     break
+            del conn.notifies[:]  # doorbells of what precedes the position: nothing to read
             waited = time.monotonic() - waited_since
-            if waited - warned >= 5:
+            if waited - warned >= 10:
                 warned = waited
-                log.warning("listener: waiting %.0fs for %d transaction(s) that drew execution event ids "
-                            "(pg_locks shows them: RowExclusiveLock on %s)", waited, len(holders), record.SEQUENCE)
-            gevent.sleep(0.01)
+                log.warning("listener: waiting %.0fs to start, for %d transaction(s) that drew execution event "
+                            "ids and have not ended (backend pids %s); new streams on this worker wait meanwhile",
+                            waited, len(holders), ", ".join(str(pid) for _, pid in holders))
+            gevent.sleep(pause)
+            pause = min(1.0, pause * 2)
         self.position = newest
         self.hub.advance(newest)
+
+    def _check_not_rewound(self, conn: Any) -> None:
+        """After a reconnect: a database restored from a backup, or a replica promoted, may not hold
+        the last event this listener published, and may have given its id to a new one. Then the
+        clients are told to reload, and delivery goes on after the last event both histories share."""
+        if self._last_published is None:
+            return
+        event_id, at = self._last_published
+        with conn.cursor() as cur:
+            now_at = record.recorded_at(cur, event_id)
+            if now_at is not None and abs(now_at - at) < 1e-5:
+                return  # the same event: the same history
+            if now_at is None and record.pruned_to(cur) >= event_id:
+                return  # pruned meanwhile: nothing to compare, nothing went back
+            shared = record.newest_recorded_by(cur, at)
+        log.error("listener: the database no longer holds event %d as this worker published it: it was restored "
+                  "or failed over; telling clients to reload, and going on after event %d", event_id, shared)
+        self.position = shared
+        self._last_published = None
+        self._gap = None
+        self._recent.clear()
+        self.hub.reset(reset_frame("the database went back in time: reload", shared), shared)
 
     def _serve(self, conn: Any) -> None:
         """Wait for doorbells until the connection fails (raises) or the greenlet is killed."""
@@ -217,7 +255,8 @@ class Listener:
                     claims += self._gather(conn)
                     self._read(conn)
                 self._check(conn, claims)
-            elif self._gap is not None and self._look_at_gap(conn):
+            # Whatever rang (a flood of stale doorbells too), an open gap is looked at on time.
+            if self._gap is not None and self._look_at_gap(conn):
                 self._read(conn)  # what was recorded after the gap
 
     def _gather(self, conn: Any) -> list[tuple[int, int, Any]]:
@@ -269,6 +308,7 @@ class Listener:
             return
         self.hub.publish_batch(events)
         self.position = events[-1].event_id
+        self._last_published = (events[-1].event_id, events[-1].recorded_at)
         self.received += len(events)
         self.lag = max(0.0, time.time() - events[-1].recorded_at)
         recent = self._recent
@@ -292,13 +332,15 @@ class Listener:
         with conn.cursor() as cur:
             horizon = record.pruned_to(cur)
             if horizon >= gap.first:
+                passed = min(horizon, gap.below - 1)
                 log.warning("listener: events %d..%d were pruned before this listener published them "
-                            "(events.retention_*); its clients get what follows", gap.first, horizon)
-                self._pass(min(horizon, gap.below - 1))
+                            "(events.retention_*); telling its clients to reload", gap.first, passed)
+                self._pass(passed)
+                self.hub.reset(reset_frame("events you missed were pruned (retention)", passed), passed)
                 return True
             if gap.holders is None:
                 gap.holders = record.id_holders(cur)  # looked at after the gap was seen: see the module doc
-            if gap.holders and record.still_holding(cur, gap.holders):
+            if gap.holders and record.still_holding(cur, [vxid for vxid, _ in gap.holders]):
                 gap.recheck = min(GAP_RECHECK_MAX, gap.recheck * 2)
                 gap.next_look = now + gap.recheck
                 return False

@@ -2,12 +2,12 @@
 
 ``attune.execution_event`` is the mailbox; NOTIFY is only the doorbell. The
 trigger (``sql/20261127000001_record_events_at_commit.sql``) writes each event
-as its transaction commits, with an id from a sequence; ``nextval`` locks the
-sequence (ROW EXCLUSIVE) before it draws, and the lock is held until the
-transaction has ended. So an id missing below a visible one belongs to a
-commit in flight, or to a transaction that failed while committing, and
-``id_holders`` names the transactions that might still hold one (see
-listener.py).
+as its transaction commits, with an id from a sequence, drawn inside the
+INSERT: the table and the sequence are locked (ROW EXCLUSIVE) before the id
+is drawn, and stay locked until the transaction has ended. So an id missing
+below a visible one belongs to a commit in flight, or to a transaction that
+failed while committing, and ``id_holders`` names the transactions that might
+still hold one (see listener.py).
 
 Pages are bounded by count and by bytes: a page ends with the event that
 passes ``max_bytes`` of payload (one event at least), so a reader holds about
@@ -28,10 +28,15 @@ from .event import MAX_BIGINT, ExecutionEvent
 PAGE_EVENTS = 1000
 PAGE_BYTES = 1 << 20
 
-# Who may still hold an id the record does not show: the transactions holding the sequence's lock.
-SEQUENCE = "attune.execution_event_id_seq"
-_ID_HOLDERS = f"""locktype = 'relation' AND relation = '{SEQUENCE}'::regclass AND mode = 'RowExclusiveLock'
-                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+# Who may still hold an id the record does not show: the transactions that hold ROW EXCLUSIVE
+# on both the sequence and the table, as the trigger's INSERT does from before it draws the id.
+SEQUENCE, TABLE = "attune.execution_event_id_seq", "attune.execution_event"
+_ID_HOLDERS = f"""
+    SELECT virtualtransaction, max(pid) FROM pg_locks
+     WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND granted
+       AND relation IN ('{SEQUENCE}'::regclass, '{TABLE}'::regclass)
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     GROUP BY virtualtransaction HAVING count(DISTINCT relation) = 2"""
 
 
 @dataclass(frozen=True)
@@ -103,16 +108,38 @@ def executions_of(cur: Any, event_ids: list[int]) -> dict[int, int]:
     return dict(cur.fetchall())
 
 
-def id_holders(cur: Any) -> list[str]:
-    """The transactions (virtual transaction ids) that have drawn event ids and not ended yet."""
-    cur.execute(f"SELECT virtualtransaction FROM pg_locks WHERE {_ID_HOLDERS} AND granted")
-    return [vxid for (vxid,) in cur.fetchall()]
+def id_holders(cur: Any) -> list[tuple[str, int]]:
+    """(virtual transaction id, backend pid) of the transactions that may have drawn event ids
+    and not ended yet."""
+    cur.execute(_ID_HOLDERS)
+    return [(vxid, pid) for vxid, pid in cur.fetchall()]
 
 
 def still_holding(cur: Any, holders: list[str]) -> int:
-    """How many of ``holders`` have not ended yet."""
-    cur.execute(f"SELECT count(*) FROM pg_locks WHERE {_ID_HOLDERS} AND virtualtransaction = ANY(%s)", (holders,))
+    """How many of ``holders`` still hold what they held."""
+    cur.execute(f"SELECT count(*) FROM ({_ID_HOLDERS}) held WHERE virtualtransaction = ANY(%s)", (holders,))
     return cur.fetchone()[0]
+
+
+def sequence_cache(cur: Any) -> int:
+    """How many ids the sequence hands a session at a time: 1, or ids are not drawn in time order."""
+    cur.execute(f"SELECT seqcache FROM pg_sequence WHERE seqrelid = '{SEQUENCE}'::regclass")
+    return cur.fetchone()[0]
+
+
+def recorded_at(cur: Any, event_id: int) -> float | None:
+    """The commit time (epoch seconds) of an event, or None if the record does not hold it."""
+    cur.execute("SELECT extract(epoch FROM created)::float8 FROM attune.execution_event WHERE id = %s", (event_id,))
+    row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+def newest_recorded_by(cur: Any, at: float) -> int:
+    """The highest event id committed at or before ``at`` (epoch seconds; the horizon if none is left)."""
+    cur.execute("""SELECT id FROM attune.execution_event WHERE created <= to_timestamp(%s)
+                   ORDER BY id DESC LIMIT 1""", (at,))
+    row = cur.fetchone()
+    return row[0] if row else pruned_to(cur)
 
 
 def pruned_to(cur: Any) -> int:

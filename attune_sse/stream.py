@@ -25,7 +25,7 @@ from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from . import record, sse
 from .db import Pool
 from .errors import NotReady
-from .event import ExecutionEvent
+from .event import ExecutionEvent, reset_frame
 from .hub import TOKEN_EXPIRED, Hub
 from .web import parse_int, positive_int_arg, state
 
@@ -122,26 +122,22 @@ def _last_event_id() -> int | None:
     return parse_int(raw, name, minimum=0)
 
 
-def reset_message(reason: str, resume_from: int) -> bytes:
-    """Tells the client its history has a hole: it should reload what it shows."""
-    data = json.dumps({"reason": reason, "resumed_from_event_id": resume_from}, separators=(",", ":"))
-    return sse.Message(data=data, event="reset", id=resume_from).encode()
-
-
 def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int) -> Iterator[tuple[bytes, int]]:
-    """The events after ``after``, up to ``through``, from the record: (frames, id reached) at a time.
+    """What a client resuming after ``after`` missed, up to ``through``, from the record.
 
-    ``through`` is the hub's position, so every id up to it is resolved and the
-    live stream carries on from there. A client behind the retention window, or
-    with an id this database never issued, first gets a ``reset`` event. Pages
-    are bounded in bytes (record.PAGE_BYTES), and frames leave in chunks of
-    about ``CHUNK_BYTES``: a resume over large results holds about a page.
+    Yields (frames, the client's position once it has them); the last position
+    is where its live stream goes on from. ``through`` is the hub's position, so
+    every id up to it is resolved and the live events carry on from there. A
+    client behind the retention window, or with an id this database never
+    issued, first gets a ``reset`` event. Pages are bounded in bytes
+    (record.PAGE_BYTES), and frames leave in chunks of about ``CHUNK_BYTES``: a
+    resume over large results holds about a page.
     """
     with pool.cursor(dict_rows=False) as cur:
         newest = record.newest(cur)
     if after > newest:
-        yield reset_message("unknown event id: this server has no event after it", newest), newest
-        after = newest
+        yield reset_frame("unknown event id: this server has no event after it", newest), newest
+        return
     while after < through:
         with pool.cursor(dict_rows=False) as cur:
             page = record.events_after(cur, after, execution_id=execution_id, through=through)
@@ -152,7 +148,7 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int)
         events, full = page.events, page.full
         del page
         if horizon > after:
-            yield reset_message("events you missed were pruned (retention)", horizon), horizon
+            yield reset_frame("events you missed were pruned (retention)", horizon), horizon
             events = [e for e in events if e.event_id > horizon]
             after = horizon
         if events:
@@ -160,7 +156,9 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int)
         yield from _in_chunks(events)
         del events  # one page at a time: this one is not held while the next is read
         if not full:
-            return
+            break
+    # Every id up to `through` is resolved: what the record did not hold, nobody will.
+    yield b"", max(after, through)
 
 
 CHUNK_BYTES = 64 * 1024
@@ -223,19 +221,21 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         # before any event came, its reconnect resumes from there.
         first_id = position if last_event_id is None else None
         yield sse.Message(retry=retry_ms, id=first_id).encode() + sse.comment("connected")
-        sub.skip_through = position if last_event_id is None else last_event_id
+        # Live events up to the position are not owed (or come from the record); later
+        # ones are queued while the backlog is sent, and kept or left out once it is.
+        sub.skip_through = position
         if last_event_id is not None and backlog is not None:
             try:
+                client_at = last_event_id
                 for frames, reached in backlog(last_event_id, position):
-                    yield frames
+                    if frames:
+                        yield frames
                     del frames  # not held while the next page is read
-                    sub.skip_through = max(sub.skip_through, reached)
+                    client_at = reached
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return
-            # Ids up to the position that the record did not hold never will: the live
-            # events the subscription queued meanwhile carry on from there.
-            sub.skip_through = max(sub.skip_through, position)
+            sub.skip_through = client_at  # what the client has now, whatever it claimed
         while True:
             batch = sub.next_batch()  # [] on the hub's keep-alive tick, or after a partial direct write
             raw = sub.take_raw()

@@ -9,14 +9,17 @@
 -- waits for another. Ids are drawn in time order, so a missing id below a
 -- visible one is a commit still in flight, or a transaction that failed while
 -- committing. To tell which, a reader needs to know who might still hold such
--- an id: every transaction that drew one holds a ROW EXCLUSIVE lock on the id
--- sequence, which nextval() takes before it hands out a value and which is
--- released only when the transaction has ended (its commit visible to all).
--- So a reader never passes a missing id until the transactions that held that
--- lock when it looked have ended (attune_sse/listener.py, record.py): "every
+-- an id. The trigger draws it inside the INSERT of the event, which has locked
+-- attune.execution_event (ROW EXCLUSIVE) before nextval() runs, and nextval()
+-- locks the id sequence (ROW EXCLUSIVE) before it hands out a value; both locks
+-- are released only when the transaction has ended (its commit visible to all).
+-- So a reader never passes a missing id until the transactions that held both
+-- locks when it looked have ended (attune_sse/listener.py, record.py): "every
 -- event after id N" stays a complete answer, and clients receive ids in order.
--- The lock needs privileges on the sequence, so a role that may not write
--- executions cannot take it to stall readers, as it could an advisory lock.
+-- Both are needed: a role without USAGE on the schema attune can reach the
+-- sequence's lock (nextval(oid) locks before it checks privileges, and so does
+-- reading pg_sequences) but not the table's, so it cannot stall readers, as any
+-- role could with an advisory lock.
 --
 -- What a transaction open for a long time does now: nothing to anyone else. Its
 -- changes are recorded when it commits, each stamped with the commit time;
@@ -43,37 +46,36 @@ $$;
 CREATE OR REPLACE FUNCTION attune.notify_execution_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    event_id  bigint;
-    at        timestamptz;
-    payload   json;
-    body      text;
-    body_size integer;
-    done      text;
+    event_id bigint;
+    body     text;
+    done     text;
 BEGIN
-    event_id := nextval('attune.execution_event_id_seq');  -- and its lock: see above
-    at := clock_timestamp();
-    payload := json_build_object(
-        'entity_type', 'execution',
-        'entity_id', NEW.id,
-        'event_id', event_id,
-        'timestamp', attune.iso_utc(at),
-        'data', json_build_object(
-            'id', NEW.id,
-            'status', NEW.status,
-            'action_id', NEW.action,
-            'action_ref', NEW.action_ref,
-            'result', NEW.result,
-            'created', attune.iso_utc(NEW.created),
-            'updated', attune.iso_utc(NEW.updated)
-        )
-    );
-    body := payload::text;  -- a copy of the text, not a second build
-    body_size := octet_length(body);
+    -- One statement, so the table is locked before the id is drawn (see above);
+    -- the payload is built once (MATERIALIZED), with the id in it.
+    WITH drawn AS MATERIALIZED (
+        SELECT n.id, n.at, json_build_object(
+            'entity_type', 'execution',
+            'entity_id', NEW.id,
+            'event_id', n.id,
+            'timestamp', attune.iso_utc(n.at),
+            'data', json_build_object(
+                'id', NEW.id,
+                'status', NEW.status,
+                'action_id', NEW.action,
+                'action_ref', NEW.action_ref,
+                'result', NEW.result,
+                'created', attune.iso_utc(NEW.created),
+                'updated', attune.iso_utc(NEW.updated)
+            )
+        ) AS payload
+        FROM (SELECT nextval('attune.execution_event_id_seq') AS id, clock_timestamp() AS at) n
+    )
     INSERT INTO attune.execution_event (id, execution, created, bytes, payload)
-        VALUES (event_id, NEW.id, at, body_size, payload);
+    SELECT id, NEW.id, at, octet_length(payload::text), payload FROM drawn
+    RETURNING id, payload::text INTO event_id, body;
     -- NOTIFY refuses payloads of 8000 bytes or more; readers take events from
     -- the record anyway, so a large change rings the bell with its ids only.
-    IF body_size >= 7900 THEN
+    IF octet_length(body) >= 7900 THEN
         body := format('{"entity_type" : "execution", "entity_id" : %s, "event_id" : %s, "truncated" : true}',
                        NEW.id, event_id);
     END IF;
@@ -82,6 +84,9 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+-- Ids are drawn in time order only with no values cached per session.
+ALTER SEQUENCE attune.execution_event_id_seq CACHE 1;
 
 DROP TRIGGER execution_notify ON attune.execution;
 CREATE CONSTRAINT TRIGGER execution_notify

@@ -10,6 +10,7 @@ and a commit that fails look to a reader.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from helpers import Stream, wait_until
@@ -174,7 +176,7 @@ def test_an_id_whose_commit_failed_is_passed_within_moments(
 
 
 def test_10000_events_from_32_writers_each_client_gets_each_once_in_order_and_resume_is_complete(
-    server: Any, token: str, database: Any, new_execution: Any
+    server: Any, token: str, database: Any, new_execution: Any, commit_control: Any
 ) -> None:
     executions = [new_execution() for _ in range(64)]
     url = server.base_url + STREAM
@@ -182,6 +184,7 @@ def test_10000_events_from_32_writers_each_client_gets_each_once_in_order_and_re
     clients = [Stream(url, {"token": token, "last_event_id": start}) for _ in range(4)]
     total, writers = 10_000, 32
     failed: list[BaseException] = []
+    failed_commits: list[int] = []
 
     def write(n: int, seed: int) -> None:
         rng = random.Random(seed)
@@ -195,8 +198,16 @@ def test_10000_events_from_32_writers_each_client_gets_each_once_in_order_and_re
                     for execution_id in sorted(rng.sample(executions, size)):  # in one order: no deadlock
                         cur.execute("UPDATE attune.execution SET result = %s WHERE id = %s",
                                     (f'{{"w": {seed}}}', execution_id))
-                if rng.random() < 0.05:
-                    conn.rollback()
+                chance = rng.random()
+                if chance < 0.05:
+                    conn.rollback()  # before the commit: no id drawn
+                    continue
+                if chance < 0.08:  # the commit fails after its ids were drawn
+                    with conn.cursor() as cur:
+                        cur.execute("SET LOCAL attune_test.commit = 'fail'")
+                    with contextlib.suppress(psycopg2.errors.RaiseException):
+                        conn.commit()
+                    failed_commits.append(size)
                     continue
                 conn.commit()
                 made += size
@@ -212,6 +223,7 @@ def test_10000_events_from_32_writers_each_client_gets_each_once_in_order_and_re
     for thread in threads:
         thread.join(120)
     assert not failed, failed
+    assert failed_commits, "some commits failed after drawing their ids"
     recorded = [r[0] for r in database.query(
         "SELECT id FROM attune.execution_event WHERE id > %s AND execution = ANY(%s) ORDER BY id",
         (start, executions))]
@@ -288,3 +300,99 @@ def test_a_new_stream_never_sends_an_event_at_or_before_the_position_it_announce
     finally:
         stop.set()
         writer.join(10)
+
+
+@contextlib.contextmanager
+def _sequence_lock_squatter(database: Any) -> Iterator[Any]:
+    """A session of a role that may only connect, holding the id sequence's lock in an open
+    transaction: nextval() takes the lock before it checks privileges, and a savepoint keeps it."""
+    role = "attune_test_squatter"
+    database.query(f"DROP ROLE IF EXISTS {role}")
+    database.query(f"CREATE ROLE {role} LOGIN PASSWORD 'squatter-password'")
+    ((name, seq),) = database.query("SELECT current_database(), 'attune.execution_event_id_seq'::regclass::oid")
+    database.query(f'GRANT CONNECT ON DATABASE "{name}" TO {role}')
+    params = psycopg2.extensions.parse_dsn(database.url)
+    conn = psycopg2.connect(**{**params, "user": role, "password": "squatter-password"})
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SAVEPOINT s")
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("SELECT nextval(%s::regclass)", (seq,))
+            cur.execute("ROLLBACK TO SAVEPOINT s")
+        held = database.query("SELECT count(*) FROM pg_locks WHERE relation = %s AND mode = 'RowExclusiveLock'",
+                              (seq,))
+        assert held[0][0] >= 1, "the squatter holds the sequence's lock"
+        yield conn
+    finally:
+        conn.close()
+        database.query(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_role_that_may_not_write_cannot_stall_delivery_or_a_starting_worker(
+    server: Any, token: str, database: Any, tmp_path: Any, new_execution: Any, commit_control: Any
+) -> None:
+    from attune_sse.testing import ServerProcess
+    from conftest import server_config
+
+    failing_execution, next_execution = new_execution(), new_execution()
+    live = Stream(server.base_url + STREAM, {"token": token})
+    with _sequence_lock_squatter(database):
+        failing = commit_control("fail")
+        _update(failing, failing_execution, "running")
+        with pytest.raises(psycopg2.errors.RaiseException):
+            failing.commit()
+        writer = commit_control()
+        _update(writer, next_execution, "running")
+        writer.commit()
+        next_id = _events_of(database, next_execution)[-1]
+        live.events_until(lambda e: e["event_id"] == next_id, timeout=3)  # past the failed commit's id
+
+        began = time.monotonic()
+        fresh = ServerProcess(server_config(database), tmp_path).start(timeout=20)
+        try:
+            assert time.monotonic() - began < 15, "a starting worker did not wait for the squatter"
+            stream = Stream(fresh.base_url + STREAM, {"token": token})
+            _update(writer, next_execution, "completed")
+            writer.commit()
+            stream.events_until(lambda e: e["entity_id"] == next_execution and e["data"]["status"] == "completed")
+        finally:
+            fresh.stop()
+
+
+def test_a_flood_of_stale_doorbells_does_not_hold_back_an_event_after_a_failed_commit(
+    server: Any, token: str, database: Any, new_execution: Any, commit_control: Any
+) -> None:
+    failing_execution, next_execution = new_execution(), new_execution()
+    ((old_id, old_execution),) = database.query(
+        "SELECT id, execution FROM attune.execution_event ORDER BY id DESC LIMIT 1")
+    live = Stream(server.base_url + STREAM, {"token": token})
+    stale = json.dumps({"entity_type": "execution", "entity_id": old_execution, "event_id": old_id})
+    stop = threading.Event()
+
+    def ring() -> None:  # a real event's doorbell, again and again: nothing new, yet never quiet
+        conn = psycopg2.connect(database.url, application_name="attune-sse-tests-bell")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                cur.execute("SELECT pg_notify('attune_notifications', %s)", (stale,))
+                time.sleep(0.002)
+        conn.close()
+
+    bell = threading.Thread(target=ring, daemon=True)
+    bell.start()
+    try:
+        time.sleep(0.2)
+        failing = commit_control("fail")
+        _update(failing, failing_execution, "running")
+        with pytest.raises(psycopg2.errors.RaiseException):
+            failing.commit()
+        writer = commit_control()
+        _update(writer, next_execution, "running")
+        writer.commit()
+        next_id = _events_of(database, next_execution)[-1]
+        began = time.monotonic()
+        live.events_until(lambda e: e["event_id"] == next_id, timeout=5)
+        assert time.monotonic() - began < 2.0
+    finally:
+        stop.set()
+        bell.join(5)

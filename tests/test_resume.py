@@ -311,3 +311,53 @@ def test_a_resume_over_large_results_holds_about_a_page_and_gives_the_memory_bac
         wait_until(lambda: _rss(worker) <= baseline + 16 * MiB, 10, "the worker to give the memory back")
     finally:
         srv.stop()
+
+
+def test_a_resume_from_an_id_never_issued_gets_a_reset_then_live_events(
+    server: Any, token: str, database: Any, new_execution: Any, set_status: Any
+) -> None:
+    ((newest,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+    stream = Stream(server.base_url + STREAM, {"token": token}, headers={"Last-Event-ID": str(newest + 10**9)})
+    reset = stream.next_event()
+    assert reset.event == "reset" and reset.json["reason"].startswith("unknown event id")
+    execution_id = new_execution()
+    set_status(execution_id, "running")
+    events = stream.events_until(lambda e: e.get("entity_id") == execution_id and e["data"]["status"] == "running")
+    assert int(events[-1].id) > int(reset.id)
+
+
+def test_a_database_that_went_back_in_time_resets_the_streams_and_delivery_goes_on(
+    database: Any, tmp_path: Any, token: str, new_execution: Any, set_status: Any
+) -> None:
+    """As after a restore from a backup, or a failover to a replica that was behind: the listeners
+    reconnect to a record whose newest event is below what they published."""
+    from attune_sse.testing import ServerProcess
+
+    srv = ServerProcess(server_config(database), tmp_path).start()
+    try:
+        url = srv.base_url + STREAM
+        streams = [Stream(url, {"token": token}) for _ in range(4)]
+        execution_id = new_execution()
+        ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
+        for status in ("scheduling", "scheduled"):
+            set_status(execution_id, status)
+        for stream in streams:
+            stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
+        # The "restore": the events after `before` are gone and the sequence is back where it was;
+        # a first new event takes an id the old history had used, before the listeners reconnect.
+        old = database.listener_pids()
+        database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
+        database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
+        set_status(execution_id, "running")
+        database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
+        wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
+        set_status(execution_id, "completed")
+        for stream in streams:
+            events = stream.events_until(lambda e: e.get("entity_id") == execution_id
+                                         and e["data"]["status"] == "completed")
+            assert events[0].event == "reset" and int(events[0].id) == before
+            assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
+                [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
+        assert "it was restored or failed over; telling clients to reload" in srv.log()
+    finally:
+        srv.stop()
