@@ -49,6 +49,8 @@ errorlog = "-"
 accesslog = os.environ.get("ATTUNE_ACCESS_LOG", "-")
 # %(U)s is the path without the query string: the stream's ?token= never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+# Escapes control characters and quotes in what the client sent (a path may hold a line break).
+logger_class = serving.AccessLogger
 logconfig_dict = serving.logging_config(_config)
 
 on_starting = serving.on_starting

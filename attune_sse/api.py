@@ -1,4 +1,10 @@
-"""The REST endpoints the UI and the smoke scripts use: packs, actions, executions."""
+"""The REST endpoints the UI and the smoke scripts use: packs, actions, executions.
+
+Every endpoint acts for the token's identity (auth.current_principal) and
+within its grants (access.py): lists hold only what it may read, and what it
+may not read answers 404 as if it did not exist; an action it may not take on
+something it may read answers 403.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,12 @@ import re
 from typing import Any
 
 from flask import Blueprint, jsonify, request
-from flask_jwt_extended import jwt_required
+from flask_jwt_extended import verify_jwt_in_request
 
 from . import store
-from .auth import current_identity_id
-from .errors import Conflict, NotFound, Unprocessable
+from .access import Scope
+from .auth import current_principal
+from .errors import Conflict, Forbidden, NotFound, Unprocessable
 from .web import MAX_BIGINT, invalid, json_body, optional_string, positive_int_arg, required_string, state
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -21,17 +28,28 @@ MAX_PAGE_SIZE = 500
 
 
 @bp.before_request
-@jwt_required()
-def require_token() -> None:
-    """Every endpoint of this blueprint needs an access token."""
+def require_identity() -> None:
+    """Every endpoint of this blueprint needs an access token of an identity that may act."""
+    verify_jwt_in_request()
+    current_principal()
+
+
+def scope(resource: str, action: str) -> Scope:
+    return current_principal().scope(resource, action)
+
+
+def forbidden(what: str) -> Forbidden:
+    return Forbidden(f"You may not {what}.", code="FORBIDDEN")
 
 
 # -- packs ---------------------------------------------------------------------
 
 @bp.get("/packs")
 def list_packs() -> Any:
+    readable = scope("packs", "read")
     with state().pool.cursor() as cur:
-        return jsonify({"data": store.list_packs(cur)})
+        packs = store.list_packs(cur)
+    return jsonify({"data": [pack for pack in packs if readable.allows_pack(pack["ref"])]})
 
 
 @bp.post("/packs")
@@ -40,6 +58,8 @@ def create_pack() -> Any:
     ref = required_string(body, "ref", max_length=100)
     if not PACK_REF.match(ref):
         raise invalid("ref", "must match ^[a-z][a-z0-9_-]+$ (lower case, at least two characters)")
+    if not scope("packs", "create").allows_pack(ref):
+        raise forbidden(f"create pack '{ref}'")
     label = optional_string(body, "label", max_length=255) or ref
     description = optional_string(body, "description", max_length=10_000)
     version = optional_string(body, "version", max_length=50) or "0.1.0"
@@ -55,8 +75,10 @@ def create_pack() -> Any:
 @bp.get("/actions")
 def list_actions() -> Any:
     pack_ref = request.args.get("pack_ref") or None
+    readable = scope("actions", "read")
     with state().pool.cursor() as cur:
-        return jsonify({"data": store.list_actions(cur, pack_ref)})
+        actions = store.list_actions(cur, pack_ref)
+    return jsonify({"data": [action for action in actions if readable.allows_action(action["ref"])]})
 
 
 @bp.post("/actions")
@@ -69,6 +91,8 @@ def create_action() -> Any:
     pack_ref = optional_string(body, "pack_ref", max_length=100) or match.group(1)
     if pack_ref != match.group(1):
         raise invalid("pack_ref", f"must be the part of 'ref' before the first dot ({match.group(1)!r})")
+    if not scope("actions", "create").allows_action(ref):
+        raise forbidden(f"create action '{ref}'")
     label = optional_string(body, "label", max_length=255) or ref
     description = optional_string(body, "description", max_length=10_000)
     entrypoint = optional_string(body, "entrypoint", max_length=1000) or ""
@@ -100,7 +124,8 @@ def list_executions() -> Any:
     per_page = positive_int_arg("per_page", 50, maximum=MAX_PAGE_SIZE)
     with state().pool.cursor() as cur:
         rows, total = store.list_executions(
-            cur, status=status, action_ref=action_ref, limit=per_page, offset=(page - 1) * per_page
+            cur, status=status, action_ref=action_ref, limit=per_page, offset=(page - 1) * per_page,
+            visible=scope("executions", "read").sql("action_ref"),
         )
     return jsonify({"data": rows, "meta": {"page": page, "per_page": per_page, "total": total}})
 
@@ -115,7 +140,7 @@ def get_execution(execution_id: int) -> Any:
         raise _not_found(execution_id)
     with state().pool.cursor() as cur:
         execution = store.execution_by_id(cur, execution_id)
-    if execution is None:
+    if execution is None or not scope("executions", "read").allows_action(execution["action_ref"]):
         raise _not_found(execution_id)
     return jsonify({"data": execution})
 
@@ -131,13 +156,18 @@ def create_execution() -> Any:
     valid_parent = isinstance(parent, int) and not isinstance(parent, bool) and 1 <= parent <= MAX_BIGINT
     if parent is not None and not valid_parent:
         raise invalid("parent", "must be the id of an execution")
+    principal = current_principal()
     with state().pool.cursor() as cur:
         action = store.action_by_ref(cur, action_ref)
-        if action is None:
+        if action is None or not principal.scope("actions", "read").allows_action(action_ref):
             raise Unprocessable(f"Action '{action_ref}' does not exist.", code="ACTION_NOT_FOUND")
-        if parent is not None and store.execution_by_id(cur, parent) is None:
+        if not principal.scope("executions", "create").allows_action(action_ref):
+            raise forbidden(f"run action '{action_ref}'")
+        parent_ref = store.action_ref_of(cur, parent) if parent is not None else None
+        readable = principal.scope("executions", "read")
+        if parent is not None and (parent_ref is None or not readable.allows_action(parent_ref)):
             raise Unprocessable(f"Parent execution {parent} does not exist.", code="EXECUTION_NOT_FOUND")
-        execution = store.insert_execution(cur, action, config, current_identity_id(), parent)
+        execution = store.insert_execution(cur, action, config, principal.id, parent)
     return jsonify({"data": execution}), 201
 
 
@@ -155,8 +185,12 @@ def update_execution(execution_id: int) -> Any:
     changes: dict[str, Any] = {"status": status}
     if "result" in body:
         changes["result"] = body["result"]
+    principal = current_principal()
     with state().pool.cursor() as cur:
+        action_ref = store.action_ref_of(cur, execution_id, lock=True)
+        if action_ref is None or not principal.scope("executions", "read").allows_action(action_ref):
+            raise _not_found(execution_id)
+        if not principal.scope("executions", "update").allows_action(action_ref):
+            raise forbidden(f"change execution {execution_id}")
         execution = store.update_execution(cur, execution_id, **changes)
-    if execution is None:
-        raise _not_found(execution_id)
     return jsonify({"data": execution})

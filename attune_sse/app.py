@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hmac
+import ipaddress
 import logging
 import os
 from typing import Any
@@ -13,9 +15,11 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
 
 from . import api, auth, openapi, stream
+from .access import AccessControl
+from .bodies import BodyDeadline
 from .config import Config, check_production, load_config, log_level
 from .db import Pool, resolve_url
-from .errors import NotReady
+from .errors import Forbidden, NotReady
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
@@ -67,14 +71,19 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
         reconnect_max_delay=config["listener.reconnect_max_delay"],
     )
     pool = Pool(url, config["database.pool_size"])
+    # Resumes wait for one of these rather than take REST's connections; each holds one for a page.
+    backlog_pool = Pool(url, config["database.backlog_pool_size"], acquire_timeout=30.0)
+    access = AccessControl(pool, config["security.default_grants"], config["security.access_refresh_seconds"])
     metrics = Metrics(hub, listener, CollectorRegistry())
     background = []
     if start_listener:
         listener.start()
         keepalive = hub.start_keepalive(config["server.sse_keepalive_seconds"])
-        background = [g for g in (start_pruner(pool, config), metrics.start(), keepalive) if g is not None]
+        watcher = access.watch(hub.identities, hub.apply_access)
+        background = [g for g in (start_pruner(pool, config), metrics.start(), keepalive, watcher) if g is not None]
     app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener,
-                                         metrics=metrics, background=background)
+                                         metrics=metrics, access=access, backlog_pool=backlog_pool,
+                                         background=background)
 
     register_error_handlers(app)
     app.before_request(check_query_string)
@@ -85,11 +94,34 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.add_url_rule("/", view_func=lambda: app.send_static_file("index.html"), endpoint="ui")
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
-    app.add_url_rule("/metrics", view_func=lambda: state().metrics.response())
+    app.add_url_rule("/metrics", view_func=metrics_view)
     _init_cors(app, config["server.cors_origins"])
     app.after_request(_security_headers)
-
+    app.wsgi_app = BodyDeadline(app.wsgi_app, timeout=config["server.body_timeout_seconds"],  # type: ignore[method-assign]
+                                min_rate=config["server.body_min_rate_bytes"],
+                                max_bytes=config["server.max_body_bytes"])
     return app
+
+
+def may_see_internals() -> bool:
+    """/metrics and the detailed /readyz: for server.metrics_allow addresses, or the scrape token."""
+    config = state().config
+    token = config["security.metrics_token"]
+    given = request.headers.get("Authorization", "")
+    if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return True
+    try:
+        address = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(net, strict=False) for net in config["server.metrics_allow"])
+
+
+def metrics_view() -> Any:
+    if not may_see_internals():
+        raise Forbidden("Metrics are for the addresses in server.metrics_allow, or with the scrape token "
+                        "(security.metrics_token).", code="METRICS_FORBIDDEN")
+    return state().metrics.response()
 
 
 def healthz() -> Any:
@@ -109,6 +141,8 @@ def readyz() -> Any:
         raise NotReady("Not ready: the LISTEN connection is down; it is reconnecting.",
                        code="LISTENER_DISCONNECTED")
     listener = app_state.listener
+    if not may_see_internals():
+        return jsonify({"data": {"status": "ready"}})
     return jsonify({"data": {
         "status": "ready",
         "pid": os.getpid(),

@@ -6,9 +6,11 @@ import datetime as dt
 import functools
 import logging
 import math
+import time
 from typing import Any
 
-from flask import Blueprint, Flask, jsonify, request
+import gevent
+from flask import Blueprint, Flask, g, jsonify, request
 from flask_jwt_extended import (
     JWTManager,
     create_access_token,
@@ -19,8 +21,10 @@ from flask_jwt_extended import (
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import store
+from .access import Principal
 from .config import Config
-from .errors import Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
+from .errors import Conflict, Forbidden, TooManyRequests, Unauthorized
+from .event import MAX_BIGINT
 from .web import invalid, json_body, optional_string, required_string, state
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -32,6 +36,18 @@ log = logging.getLogger(__name__)
 def _dummy_hash() -> str:
     """Checked against when the login is unknown, so both failures take as long."""
     return generate_password_hash("attune-sse timing equaliser")
+
+
+# Password hashing takes a few hundred ms of CPU by design. It runs on gevent's thread
+# pool (hashlib's scrypt and pbkdf2 release the GIL), so the worker's event loop, and
+# every stream on it, goes on meanwhile.
+
+def hash_password(password: str) -> str:
+    return gevent.get_hub().threadpool.apply(generate_password_hash, (password,))
+
+
+def password_matches(stored_hash: str, password: str) -> bool:
+    return gevent.get_hub().threadpool.apply(check_password_hash, (stored_hash, password))
 
 
 def init_app(app: Flask, config: Config) -> None:
@@ -92,8 +108,29 @@ def public_identity(identity: dict[str, Any]) -> dict[str, Any]:
     return {"id": identity["id"], "login": identity["login"], "display_name": identity["display_name"]}
 
 
+def current_principal() -> Principal:
+    """The identity of the request's verified token; 401 unless it exists and is not frozen.
+
+    From this worker's cache (access.py): no query unless the identity is new to
+    it, or access changed anywhere since it was last read."""
+    principal = g.get("principal")
+    if principal is not None:
+        return principal
+    subject = get_jwt().get("sub")
+    if not (isinstance(subject, str) and subject.isascii() and subject.isdigit()
+            and 1 <= int(subject) <= MAX_BIGINT):
+        raise Unauthorized("Invalid token: its subject is not an identity id.", code="TOKEN_INVALID")
+    principal = state().access.principal(int(subject))
+    if principal is None:
+        raise Unauthorized("The token's identity no longer exists.", code="IDENTITY_DELETED")
+    if principal.frozen:
+        raise Unauthorized("This identity is frozen; ask an administrator.", code="IDENTITY_FROZEN")
+    g.principal = principal
+    return principal
+
+
 def current_identity_id() -> int:
-    return int(get_jwt()["sub"])
+    return current_principal().id
 
 
 @bp.post("/login")
@@ -104,28 +141,50 @@ def login() -> Any:
     body = json_body()
     login_name = required_string(body, "login", max_length=255)
     password = required_string(body, "password", max_length=1024)
-    config = state().config
-    window = config["security.login_failure_window_seconds"]
     address = request.remote_addr or "unknown"
+    attempt, identity = _begin_login(login_name, address)
+    # The same work whether the login exists or not: its answer takes as long.
+    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
+    accepted = password_matches(stored_hash, password) and identity is not None
     with state().pool.cursor() as cur:
-        failures, wait = store.recent_login_failures(cur, login_name, address, window)
-        if failures >= config["security.login_max_failures"]:
-            log.warning("login of %r from %s refused: %d failures in %ds", login_name, address, failures, window)
-            retry_after = max(1, math.ceil(wait))
-            error = TooManyRequests(f"Too many failed logins; try again in {retry_after} s.",
-                                    code="TOO_MANY_LOGIN_FAILURES")
-            return jsonify(error.to_dict()), 429, {"Retry-After": str(retry_after)}
-        identity = store.identity_by_login(cur, login_name)
-        stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
-        accepted = identity is not None and check_password_hash(stored_hash, password)
-        if accepted:
-            store.clear_login_failures(cur, login_name, address)
-        else:
-            store.record_login_failure(cur, login_name, address, window)  # committed: the raise comes after
+        store.end_login_attempt(cur, attempt, login_name, address, accepted=accepted)
     if not accepted:
         log.info("login failed for %r from %s", login_name, address)
         raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")
+    if identity["frozen"]:
+        log.info("login of frozen identity %r from %s refused", login_name, address)
+        raise Unauthorized("This identity is frozen; ask an administrator.", code="IDENTITY_FROZEN")
     return jsonify({"data": issue_tokens(identity)})
+
+
+LOGIN_QUEUE_SECONDS = 10.0  # how long an attempt waits for the pair's attempts in flight
+
+
+def _begin_login(login_name: str, address: str) -> tuple[int, dict[str, Any] | None]:
+    """Record an attempt of the pair before its password is checked: (its id, the identity).
+
+    Counted under a lock of the pair, with the attempts of it being checked now: of
+    any number of concurrent guesses, at most login_max_failures are checked. Past
+    the limit in failures: 429. Past it only with attempts in flight (a client that
+    logs in many times at once): wait for them to end, then count again.
+    """
+    config = state().config
+    window, limit = config["security.login_failure_window_seconds"], config["security.login_max_failures"]
+    deadline = time.monotonic() + LOGIN_QUEUE_SECONDS
+    while True:
+        with state().pool.cursor() as cur:
+            store.lock_login_pair(cur, login_name, address)
+            failures, checking, wait = store.recent_login_failures(cur, login_name, address, window)
+            if failures >= limit or (failures + checking >= limit and time.monotonic() > deadline):
+                log.warning("login of %r from %s refused: %d failures in %ds", login_name, address, failures,
+                            window)
+                retry_after = max(1, math.ceil(wait))
+                raise TooManyRequests(f"Too many failed logins; try again in {retry_after} s.",
+                                      code="TOO_MANY_LOGIN_FAILURES", headers={"Retry-After": str(retry_after)})
+            if failures + checking < limit:
+                return (store.begin_login_attempt(cur, login_name, address, window),
+                        store.identity_by_login(cur, login_name))
+        gevent.sleep(0.05)  # no connection held while waiting
 
 
 @bp.post("/register")
@@ -145,8 +204,9 @@ def register() -> Any:
 
 def create_identity(login_name: str, password: str, display_name: str | None) -> dict[str, Any]:
     """Store a new identity with a hashed password; 409 if the login is taken."""
+    password_hash = hash_password(password)
     with state().pool.cursor() as cur:
-        identity = store.insert_identity(cur, login_name, display_name, generate_password_hash(password))
+        identity = store.insert_identity(cur, login_name, display_name, password_hash)
     if identity is None:
         raise Conflict(f"Login '{login_name}' is already taken.", code="LOGIN_TAKEN")
     return identity
@@ -155,15 +215,17 @@ def create_identity(login_name: str, password: str, display_name: str | None) ->
 @bp.post("/refresh")
 @jwt_required(refresh=True)
 def refresh() -> Any:
-    claims = get_jwt()
-    return jsonify({"data": access_token(claims["sub"], claims.get("login"))})
+    """A new access token, for an identity that still exists and is not frozen."""
+    principal = current_principal()
+    return jsonify({"data": access_token(str(principal.id), principal.login)})
 
 
 @bp.get("/me")
 @jwt_required()
 def me() -> Any:
+    current_principal()
     with state().pool.cursor() as cur:
         identity = store.identity_by_id(cur, current_identity_id())
     if identity is None:
-        raise NotFound("The token's identity no longer exists.", code="IDENTITY_NOT_FOUND")
+        raise Unauthorized("The token's identity no longer exists.", code="IDENTITY_DELETED")
     return jsonify({"data": public_identity(identity)})

@@ -1,17 +1,18 @@
-"""The ``attune-sse`` command: serve, demo, migrate, prune, user create, token."""
+"""The ``attune-sse`` command: serve, demo, migrate, prune, user, permset, token."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .access import ADMIN_SET, ALL_GRANTS
 from .config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
 from .errors import AttuneError
 
@@ -141,8 +142,9 @@ def user() -> None:
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
               help="The password (asked for when not given).")
 @click.option("--display-name", help="Name shown in the UI (default: the login).")
+@click.option("--admin", is_flag=True, help=f"Assign the permission set {ADMIN_SET} (every grant).")
 @config_option
-def user_create(login: str, password: str, display_name: str | None, config_path: str | None) -> None:
+def user_create(login: str, password: str, display_name: str | None, admin: bool, config_path: str | None) -> None:
     """Create an identity that can log in."""
     from werkzeug.security import generate_password_hash
 
@@ -151,9 +153,114 @@ def user_create(login: str, password: str, display_name: str | None, config_path
     config = _load(config_path)
     with _migrated_cursor(config) as cur:
         created = store.insert_identity(cur, login, display_name or login, generate_password_hash(password))
+        if created is None:
+            raise click.ClickException(f"login {login!r} is already taken")
+        if admin:
+            store.upsert_permission_set(cur, ADMIN_SET, "Administrators: every grant", ALL_GRANTS, replace=True)
+            store.assign_permission_set(cur, login, ADMIN_SET)
+    click.echo(f"created identity {created[0]} ({login})" + (f" with {ADMIN_SET}" if admin else ""))
+
+
+def _identity_change(config_path: str | None, login: str, change: Callable[[Any], bool], done: str) -> None:
+    config = _load(config_path)
+    with _migrated_cursor(config) as cur:
+        if not change(cur):
+            raise click.ClickException(f"no identity {login!r}")
+    click.echo(f"{done} {login}; every worker applies it within {config['security.access_refresh_seconds']:g} s")
+
+
+@user.command("freeze")
+@click.argument("login")
+@config_option
+def user_freeze(login: str, config_path: str | None) -> None:
+    """Refuse LOGIN everywhere (its tokens, refreshes, logins and open streams) until unfrozen."""
+    from . import store
+
+    _identity_change(config_path, login, lambda cur: store.set_frozen(cur, login, True), "froze")
+
+
+@user.command("unfreeze")
+@click.argument("login")
+@config_option
+def user_unfreeze(login: str, config_path: str | None) -> None:
+    """Let a frozen LOGIN in again (its unexpired tokens work again)."""
+    from . import store
+
+    _identity_change(config_path, login, lambda cur: store.set_frozen(cur, login, False), "unfroze")
+
+
+@user.command("delete")
+@click.argument("login")
+@config_option
+def user_delete(login: str, config_path: str | None) -> None:
+    """Delete LOGIN: its tokens stop working, its streams end; its executions stay."""
+    from . import store
+
+    _identity_change(config_path, login, lambda cur: store.delete_identity(cur, login), "deleted")
+
+
+@main.group()
+def permset() -> None:
+    """Manage permission sets and who has them."""
+
+
+@permset.command("create")
+@click.argument("ref")
+@click.option("--grants", required=True, help='A JSON list of grants, e.g. \'[{"resource": "executions", '
+              '"actions": ["read"], "constraints": {"pack_refs": ["core"]}}]\'.')
+@click.option("--label", help="A human name for the set.")
+@click.option("--replace", is_flag=True, help="Replace the grants of an existing set of this ref.")
+@config_option
+def permset_create(ref: str, grants: str, label: str | None, replace: bool, config_path: str | None) -> None:
+    """Create permission set REF (pack.name) with GRANTS."""
+    import re
+
+    from . import store
+    from .access import parse_grants
+
+    if not re.fullmatch(r"[a-z][a-z0-9_-]+\.[A-Za-z0-9_.-]+", ref):
+        raise click.ClickException(f"ref {ref!r} must look like pack.name (for example core.viewers)")
+    try:
+        parsed = parse_grants(grants)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    config = _load(config_path)
+    with _migrated_cursor(config) as cur:
+        created = store.upsert_permission_set(cur, ref, label, parsed, replace=replace)
     if created is None:
-        raise click.ClickException(f"login {login!r} is already taken")
-    click.echo(f"created identity {created[0]} ({login})")
+        raise click.ClickException(f"permission set {ref!r} exists; pass --replace to change its grants")
+    click.echo(f"{'saved' if replace else 'created'} permission set {ref} ({len(parsed)} grant(s))")
+
+
+@permset.command("assign")
+@click.argument("login")
+@click.argument("ref")
+@config_option
+def permset_assign(login: str, ref: str, config_path: str | None) -> None:
+    """Give LOGIN the grants of permission set REF (on top of its other sets)."""
+    from . import store
+
+    _assignment(config_path, lambda cur: store.assign_permission_set(cur, login, ref), f"assigned {ref} to {login}")
+
+
+@permset.command("revoke")
+@click.argument("login")
+@click.argument("ref")
+@config_option
+def permset_revoke(login: str, ref: str, config_path: str | None) -> None:
+    """Take permission set REF from LOGIN."""
+    from . import store
+
+    _assignment(config_path, lambda cur: store.revoke_permission_set(cur, login, ref), f"revoked {ref} from {login}")
+
+
+def _assignment(config_path: str | None, change: Callable[[Any], str | None], done: str) -> None:
+    config = _load(config_path)
+    with _migrated_cursor(config) as cur:
+        problem = change(cur)
+    if problem:
+        raise click.ClickException(problem)
+    click.echo(done)
 
 
 @main.command()

@@ -9,6 +9,7 @@ read as a YAML scalar so ``true``, ``8080`` and ``[a, b]`` keep their types.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -70,6 +71,21 @@ def _string_list(value: Any) -> list[str]:
     return value
 
 
+def _grants(value: Any) -> list[dict[str, Any]]:
+    from .access import parse_grants
+
+    return parse_grants(value)
+
+
+def _networks(value: Any) -> list[str]:
+    for item in _string_list(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or network") from None
+    return value
+
+
 def _database_url(value: Any) -> str:
     value = _string(value)
     if value == "embedded":
@@ -97,6 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
             "folder of the embedded PostgreSQL's data (database.url: embedded)"),
     Setting("database.pool_size", 10, _number(1, 1000, integer=True),
             "connections each worker keeps for REST requests"),
+    Setting("database.backlog_pool_size", 3, _number(1, 1000, integer=True),
+            "connections each worker may use for resuming streams' backlog reads (apart from REST's)"),
     Setting("database.auto_migrate", True, _boolean,
             "apply sql/ migrations when the server starts"),
     Setting("server.host", "127.0.0.1", _string, "address to bind"),
@@ -113,6 +131,14 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel send buffer of each stream's socket (0: the kernel's autotuning, up to net.ipv4.tcp_wmem)"),
     Setting("server.max_body_bytes", 16 * 1024 * 1024, _number(1024, 1024**3, integer=True),
             "largest request body accepted; larger ones get 413"),
+    Setting("server.body_timeout_seconds", 30, _number(0.1, 3600),
+            "a request body must arrive within this many seconds, or the request gets 408"),
+    Setting("server.body_min_rate_bytes", 1024, _number(0, integer=True),
+            "after its first 5 s a request body must arrive at this many bytes/s on average, or 408 (0: off)"),
+    Setting("server.max_streams_per_identity", 50, _number(1, 1_000_000, integer=True),
+            "streams one identity may hold open on one worker; more get 429"),
+    Setting("server.metrics_allow", ["127.0.0.1/32", "::1/128"], _networks,
+            "addresses that may read /metrics and the detailed /readyz (others: the scrape token)"),
     Setting("server.sse_retry_ms", 3000, _number(0, 600_000, integer=True),
             "reconnect delay the stream suggests to EventSource"),
     Setting("server.sse_reconnect_spread_ms", 5000, _number(0, 600_000, integer=True),
@@ -130,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("security.jwt_refresh_expiration", 86400, _number(1, integer=True),
             "lifetime of a refresh token, in seconds"),
     Setting("security.allow_registration", False, _boolean, "whether POST /auth/register is open"),
+    Setting("security.default_grants", [], _grants,
+            "grants of identities with no permission set assigned (a list of grant objects; none by default)"),
+    Setting("security.access_refresh_seconds", 0.5, _number(0.05, 60),
+            "how often each worker checks for changed access (freezes, deletions, grants)"),
+    Setting("security.metrics_token", "", lambda v: v if isinstance(v, str) else _string(v),
+            "bearer token that may read /metrics and the detailed /readyz from any address (empty: none)"),
     Setting("events.retention_seconds", 7 * 24 * 3600, _number(0, integer=True),
             "age after which recorded events are pruned (0: never by age)"),
     Setting("events.retention_count", 0, _number(0, integer=True),

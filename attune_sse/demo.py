@@ -26,6 +26,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from . import store
+from .access import ALL_GRANTS
 from .config import ENV_PREFIX, load_config
 from .db import database
 from .errors import AttuneError
@@ -63,7 +64,8 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
         "database": {"url": "embedded", "data_dir": str(Path(data_dir).resolve())},
         "server": {"host": "127.0.0.1", "port": port, "workers": 2},
         # A fresh secret each run: tokens of an earlier demo stop working, passwords do not.
-        "security": {"jwt_secret": secrets.token_urlsafe(48), "jwt_access_expiration": 900},
+        "security": {"jwt_secret": secrets.token_urlsafe(48), "jwt_access_expiration": 900,
+                     "default_grants": ALL_GRANTS},
         "log": {"level": "warn"},
     }))
     config = load_config(config_path, environ={})

@@ -5,6 +5,12 @@ runs them (initdb, pg_ctl) so that it owns the life cycle: start, stop and
 restart on a fixed TCP port of 127.0.0.1, which the fault tests need.
 PostgreSQL refuses to run as root, so under root the server runs as the
 system user ``attune-pg`` (created on first use).
+
+Only the service gets in: the superuser has a random password, kept in
+``<data_dir>/attune-password`` (mode 0600, in the 0700 data folder), and the
+server asks every connection for it (scram-sha-256, TCP and socket alike). A
+cluster made by an older version with trust authentication is given a
+password on its next start.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -25,6 +32,12 @@ from .errors import EmbeddedDatabaseError
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "attune-pg"
+PASSWORD_FILE = "attune-password"
+HBA = """# attune-sse embedded server: every connection needs the superuser's password
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+"""
 
 
 def _bin_dir() -> Path:
@@ -81,7 +94,16 @@ class EmbeddedPostgres:
     def url(self, dbname: str = "postgres") -> str:
         if self.port is None:
             raise EmbeddedDatabaseError("the embedded server has not been started")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{dbname}"
+
+    @property
+    def password(self) -> str:
+        """The superuser's password (token_urlsafe: safe in a URL as it is)."""
+        try:
+            return (self.data_dir / PASSWORD_FILE).read_text().strip()
+        except FileNotFoundError:
+            raise EmbeddedDatabaseError(f"{self.data_dir / PASSWORD_FILE} is missing: start the server once "
+                                        "to make it") from None
 
     # -- life cycle --------------------------------------------------------
 
@@ -102,6 +124,8 @@ class EmbeddedPostgres:
             "embedded PostgreSQL started in %s on 127.0.0.1:%d (%.1fs)",
             self.data_dir, self.port, time.monotonic() - started,
         )
+        if not (self.data_dir / PASSWORD_FILE).exists():
+            self._secure_old_cluster()
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -172,14 +196,52 @@ class EmbeddedPostgres:
 
     def _initdb(self) -> None:
         log.info("initialising embedded PostgreSQL cluster in %s", self.data_dir)
-        self._run(
-            str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-            "--auth=trust", "--encoding=UTF8", "--no-locale",
-        )
+        password = secrets.token_urlsafe(32)
+        # initdb wants an empty folder: the password goes in once it is made.
+        pwfile = self.data_dir.parent / f".{self.data_dir.name}.initpw"
+        self._write_private(pwfile, password)
+        try:
+            self._run(
+                str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-locale",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self._write_private(self.data_dir / PASSWORD_FILE, password)
+        (self.data_dir / "pg_hba.conf").write_text(HBA)
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write("\n# attune-sse embedded server\n")
             for name, value in self.settings.items():
                 conf.write(f"{name} = {value}\n")
+
+    def _write_private(self, path: Path, text: str) -> None:
+        """A file only its owner reads: the server's user under root, else us."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(text + "\n")
+        os.chmod(path, 0o600)
+        if self._user is not None:
+            entry = self._system_user()
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _secure_old_cluster(self) -> None:
+        """A cluster an older attune-sse made with trust authentication: set a password, then require it."""
+        import psycopg2
+
+        log.warning("embedded PostgreSQL in %s let any local user in (trust); giving it a password",
+                    self.data_dir)
+        password = secrets.token_urlsafe(32)
+        conn = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SET password_encryption = 'scram-sha-256'")
+                cur.execute("ALTER ROLE postgres PASSWORD %s", (password,))
+        finally:
+            conn.close()
+        self._write_private(self.data_dir / PASSWORD_FILE, password)
+        (self.data_dir / "pg_hba.conf").write_text(HBA)
+        self._pg_ctl("reload")
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(str(self._bin / "pg_ctl"), "-D", str(self.data_dir), *args)

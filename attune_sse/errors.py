@@ -34,9 +34,11 @@ class ApiError(AttuneError):
     status = 400
     code = "BAD_REQUEST"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}  # sent with the answer (Retry-After, say)
         if code is not None:
             self.code = code
         if status is not None:

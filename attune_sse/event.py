@@ -35,21 +35,26 @@ class ExecutionEvent:
     entity_id: int
     frame: bytes = field(repr=False)
     recorded_at: float = 0.0  # epoch seconds of its commit
+    action_ref: str = ""  # the execution's action: who may read the event depends on it
 
     @classmethod
-    def from_record(cls, event_id: int, entity_id: int, payload: bytes, recorded_at: float = 0.0) -> ExecutionEvent:
+    def from_record(cls, event_id: int, entity_id: int, payload: bytes, recorded_at: float = 0.0,
+                    action_ref: str = "") -> ExecutionEvent:
         """An event from its stored payload (the JSON text, in UTF-8)."""
-        return cls.from_frame(event_id, entity_id, b"id: %d\ndata: %s\n\n" % (event_id, payload), recorded_at)
+        frame = b"id: %d\ndata: %s\n\n" % (event_id, payload)
+        return cls.from_frame(event_id, entity_id, frame, recorded_at, action_ref)
 
     @classmethod
-    def from_frame(cls, event_id: int, entity_id: int, frame: bytes, recorded_at: float = 0.0) -> ExecutionEvent:
+    def from_frame(cls, event_id: int, entity_id: int, frame: bytes, recorded_at: float = 0.0,
+                   action_ref: str = "") -> ExecutionEvent:
         """An event from ``id: N\\ndata: <payload>\\n\\n``, as the record's query builds it (no copy here)."""
         data_at = frame.index(b"\ndata: ") + 7
         if frame.find(b"\n", data_at) != len(frame) - 2 or b"\r" in frame:
             # A payload with raw line breaks (the trigger's JSON has none): one data: line per line.
             payload = frame[data_at:-2].decode("utf-8")
             frame = Message(data=payload, id=event_id).encode()
-        return cls(event_id=event_id, entity_id=entity_id, frame=frame, recorded_at=recorded_at)
+        return cls(event_id=event_id, entity_id=entity_id, frame=frame, recorded_at=recorded_at,
+                   action_ref=action_ref)
 
 
 def reset_frame(reason: str, position: int) -> bytes:

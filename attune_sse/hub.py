@@ -28,11 +28,13 @@ import gevent
 import gevent.event
 from gevent.hub import Waiter, get_hub
 
+from .access import EVERYTHING, Principal, Scope
 from .event import ExecutionEvent
 
 log = logging.getLogger(__name__)
 
 TOKEN_EXPIRED = "token expired"  # the reason of a subscription closed by ``expire``
+SIGNED_OUT = "signed out"  # the reason of a subscription whose identity was frozen or deleted
 
 @dataclass
 class HubStats:
@@ -51,12 +53,14 @@ class Subscription:
     per batch of events rather than once per event.
     """
 
-    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "fd", "on_overflow",
-                 "reason", "skip_through")
+    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "fd", "identity",
+                 "on_overflow", "reason", "scope", "skip_through")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None,
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, identity: int | None = None, scope: Scope = EVERYTHING) -> None:
         self.execution_id = execution_id
+        self.identity = identity  # whose stream it is (None: the tests' anonymous subscribers)
+        self.scope = scope  # the executions it may read: events of others are not offered
         self.on_overflow = on_overflow
         self.fd = fd  # the client's socket, for direct writes of chunks; None: always through the writer
         self.skip_through = 0  # events up to this id were sent already (from the record, on resume)
@@ -159,8 +163,11 @@ class Hub:
         # stream starts, and how far a resuming one reads the record. Set by the listener.
         self.position: int | None = None
         self._positioned = gevent.event.Event()
-        self._all: set[Subscription] = set()
+        # Streams of every execution, grouped by what they may read: a batch is filtered
+        # once per group (most share one scope), not once per stream.
+        self._all: dict[Scope, set[Subscription]] = {}
         self._by_execution: dict[int, set[Subscription]] = {}
+        self._per_identity: dict[int, int] = {}
         self._count = 0  # subscribers in both indexes: len() is asked on every stream open
         self._closed = False
 
@@ -195,29 +202,77 @@ class Hub:
         return self.position
 
     def subscribe(self, execution_id: int | None = None,
-                  on_overflow: Callable[[], None] | None = None, fd: int | None = None) -> Subscription:
-        """Register a subscriber; events published from now on reach it."""
-        sub = Subscription(execution_id, on_overflow, fd)
+                  on_overflow: Callable[[], None] | None = None, fd: int | None = None, *,
+                  identity: int | None = None, scope: Scope = EVERYTHING) -> Subscription:
+        """Register a subscriber; events published from now on that ``scope`` allows reach it."""
+        sub = Subscription(execution_id, on_overflow, fd, identity, scope)
         if self._closed:
             sub._close("shutdown")
             return sub
-        if execution_id is None:
-            self._all.add(sub)
-        else:
-            self._by_execution.setdefault(execution_id, set()).add(sub)
+        self._group_of(sub, create=True).add(sub)
+        if identity is not None:
+            self._per_identity[identity] = self._per_identity.get(identity, 0) + 1
         self._count += 1
         self.stats.subscribed_total += 1
         return sub
 
+    def _group_of(self, sub: Subscription, *, create: bool = False) -> set[Subscription] | None:
+        groups, key = (self._all, sub.scope) if sub.execution_id is None else (self._by_execution, sub.execution_id)
+        return groups.setdefault(key, set()) if create else groups.get(key)
+
     def unsubscribe(self, sub: Subscription, reason: str = "client left") -> None:
         """Remove a subscriber; safe to call more than once."""
-        group = self._all if sub.execution_id is None else self._by_execution.get(sub.execution_id)
+        group = self._group_of(sub)
         if group is not None and sub in group:
-            group.remove(sub)
+            self._remove(sub, group)
             self._count -= 1
-            if not group and sub.execution_id is not None:
-                del self._by_execution[sub.execution_id]
+            if sub.identity is not None:
+                left = self._per_identity[sub.identity] - 1
+                if left:
+                    self._per_identity[sub.identity] = left
+                else:
+                    del self._per_identity[sub.identity]
         sub._close(reason)
+
+    def _remove(self, sub: Subscription, group: set[Subscription]) -> None:
+        group.remove(sub)
+        if not group:
+            if sub.execution_id is None:
+                del self._all[sub.scope]
+            else:
+                del self._by_execution[sub.execution_id]
+
+    def streams_of(self, identity: int) -> int:
+        """How many streams of this identity the hub holds."""
+        return self._per_identity.get(identity, 0)
+
+    def identities(self) -> list[int]:
+        """The identities with open streams."""
+        return list(self._per_identity)
+
+    def apply_access(self, principals: dict[int, Principal | None]) -> int:
+        """Access changed for the identities in ``principals``: end the streams of those gone
+        (None) or frozen, and give the others the scope they have now; return how many ended.
+        Streams of identities not in ``principals`` are left as they are."""
+        ended = 0
+        for sub in self._subscribers():
+            if sub.identity is None or sub.identity not in principals:
+                continue
+            principal = principals[sub.identity]
+            if principal is None or principal.frozen:
+                self.unsubscribe(sub, SIGNED_OUT)
+                ended += 1
+                continue
+            scope = principal.scope("executions", "read")
+            if scope != sub.scope:
+                group = self._group_of(sub)
+                if sub.execution_id is None and group is not None:
+                    self._remove(sub, group)
+                    sub.scope = scope
+                    self._all.setdefault(scope, set()).add(sub)
+                else:
+                    sub.scope = scope
+        return ended
 
     def publish(self, event: ExecutionEvent) -> int:
         """Offer one event to every matching subscriber without waiting; return how many got it."""
@@ -234,14 +289,25 @@ class Hub:
             return 0
         self.stats.published += len(events)
         self.advance(events[-1].event_id)
-        delivered = self._offer_all(self._all, events) if self._all else 0
+        delivered = 0
+        for scope, subs in list(self._all.items()):
+            allowed = scope.filter(events)
+            if allowed:
+                delivered += self._offer_all(subs, allowed)
         if self._by_execution:
             per_execution: dict[int, list[ExecutionEvent]] = {}
             for event in events:
                 if event.entity_id in self._by_execution:
                     per_execution.setdefault(event.entity_id, []).append(event)
             for execution_id, matching in per_execution.items():
-                delivered += self._offer_all(self._by_execution[execution_id], matching)
+                subs = self._by_execution[execution_id]
+                if all(sub.scope.everything for sub in subs):
+                    delivered += self._offer_all(subs, matching)
+                    continue
+                for sub in list(subs):
+                    allowed = sub.scope.filter(matching)
+                    if allowed:
+                        delivered += self._offer_all({sub}, allowed)
         self.stats.delivered += delivered
         return delivered
 
@@ -312,7 +378,7 @@ class Hub:
         return gevent.spawn(run)
 
     def _subscribers(self) -> list[Subscription]:
-        return list(self._all) + [s for group in self._by_execution.values() for s in group]
+        return [s for groups in (self._all, self._by_execution) for group in groups.values() for s in group]
 
     def close(self, reason: str = "shutdown") -> int:
         """End every subscription (worker shutdown); return how many were open."""

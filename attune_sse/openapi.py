@@ -23,8 +23,9 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Bad input", 401: "Missing, invalid or expired token", 403: "Forbidden",
-            404: "Not found", 409: "Conflict", 413: "Body too large", 422: "Refers to something missing",
-            429: "Too many failed logins", 503: "Database unreachable or busy"}
+            404: "Not found", 408: "Body sent too slowly", 409: "Conflict", 413: "Body too large",
+            422: "Refers to something missing",
+            429: "Too many failed logins, or streams of one identity", 503: "Database unreachable or busy"}
     return {str(code): {"description": text[code], **_json(_ERROR)} for code in codes}
 
 
@@ -43,7 +44,7 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 
 BEARER = [{"bearer": []}]
 STREAM_AUTH = [{"bearer": []}, {"queryToken": []}]
-COMMON = (400, 401, 413, 503)
+COMMON = (400, 401, 408, 413, 503)
 ID_PARAM = {"name": "execution_id", "in": "path", "required": True,
             "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
 
@@ -63,13 +64,13 @@ def spec() -> dict[str, Any]:
                 "summary": "Log in with a password; returns an access and a refresh token",
                 "security": [],
                 "requestBody": _body(_ref("Credentials")),
-                "responses": {"200": _data(_ref("Tokens"), "Tokens"), **_errors(400, 401, 413, 429, 503)},
+                "responses": {"200": _data(_ref("Tokens"), "Tokens"), **_errors(400, 401, 408, 413, 429, 503)},
             }},
             "/auth/register": {"post": {
                 "summary": "Create an identity (when security.allow_registration is on)",
                 "security": [],
                 "requestBody": _body({**_ref("Credentials")}),
-                "responses": {"201": _data(_ref("Tokens"), "Registered"), **_errors(400, 403, 409, 413, 503)},
+                "responses": {"201": _data(_ref("Tokens"), "Registered"), **_errors(400, 403, 408, 409, 413, 503)},
             }},
             "/auth/refresh": {"post": {
                 "summary": "A new access token, for a refresh token in the Authorization header",
@@ -79,14 +80,14 @@ def spec() -> dict[str, Any]:
             "/auth/me": {"get": {
                 "summary": "The identity of the token",
                 "security": BEARER,
-                "responses": {"200": _data(_ref("Identity"), "The identity"), **_errors(401, 404, 503)},
+                "responses": {"200": _data(_ref("Identity"), "The identity"), **_errors(401, 503)},
             }},
             "/api/v1/packs": {
                 "get": {"summary": "List packs", "security": BEARER,
                         "responses": {"200": _data({"type": "array", "items": _ref("Pack")}, "Packs"),
                                       **_errors(401, 503)}},
                 "post": {"summary": "Create a pack", "security": BEARER, "requestBody": _body(_ref("NewPack")),
-                         "responses": {"201": _data(_ref("Pack"), "Created"), **_errors(*COMMON, 409)}},
+                         "responses": {"201": _data(_ref("Pack"), "Created"), **_errors(*COMMON, 403, 409)}},
             },
             "/api/v1/actions": {
                 "get": {"summary": "List actions", "security": BEARER,
@@ -95,7 +96,7 @@ def spec() -> dict[str, Any]:
                                       **_errors(401, 503)}},
                 "post": {"summary": "Create an action in an existing pack", "security": BEARER,
                          "requestBody": _body(_ref("NewAction")),
-                         "responses": {"201": _data(_ref("Action"), "Created"), **_errors(*COMMON, 409, 422)}},
+                         "responses": {"201": _data(_ref("Action"), "Created"), **_errors(*COMMON, 403, 409, 422)}},
             },
             "/api/v1/executions": {
                 "get": {
@@ -112,7 +113,7 @@ def spec() -> dict[str, Any]:
                 },
                 "post": {"summary": "Request an execution of an action", "security": BEARER,
                          "requestBody": _body(_ref("NewExecution")),
-                         "responses": {"201": _data(_ref("Execution"), "Created"), **_errors(*COMMON, 422)}},
+                         "responses": {"201": _data(_ref("Execution"), "Created"), **_errors(*COMMON, 403, 422)}},
             },
             "/api/v1/executions/{execution_id}": {
                 "parameters": [ID_PARAM],
@@ -121,7 +122,7 @@ def spec() -> dict[str, Any]:
                                       **_errors(400, 401, 404, 503)}},
                 "patch": {"summary": "Change an execution's status or result", "security": BEARER,
                           "requestBody": _body(_ref("ExecutionChange")),
-                          "responses": {"200": _data(_ref("Execution"), "Changed"), **_errors(*COMMON, 404)}},
+                          "responses": {"200": _data(_ref("Execution"), "Changed"), **_errors(*COMMON, 403, 404)}},
             },
             "/api/v1/executions/stream": {"get": {
                 "summary": "Server-Sent Events: every change of an execution, as it commits",
@@ -137,16 +138,18 @@ def spec() -> dict[str, Any]:
                 ],
                 "responses": {"200": {"description": "The stream",
                                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                              **_errors(400, 401, 503)},
+                              **_errors(400, 401, 404, 429, 503)},
             }},
             "/healthz": {"get": {"summary": "Alive", "security": [],
                                  "responses": {"200": _data({"type": "object"}, "Alive")}}},
             "/readyz": {"get": {"summary": "Database reachable and this worker's listener connected",
                                 "security": [],
                                 "responses": {"200": _data({"type": "object"}, "Ready"), **_errors(503)}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics of the instance", "security": [],
+            "/metrics": {"get": {"summary": "Prometheus metrics of the instance (server.metrics_allow addresses, "
+                                            "or Authorization: Bearer <security.metrics_token>)", "security": [],
                                  "responses": {"200": {"description": "Prometheus text format",
-                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               **_errors(403)}}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [],
                                              "responses": {"200": {"description": "OpenAPI 3",
                                                                    **_json({"type": "object"})}}}},

@@ -60,7 +60,7 @@ def _page_sql(after: str, through: str, limit: str, max_bytes: str, execution: s
     # `bytes` is NULL only for events recorded before it was added: those are measured.
     return f"""
         SELECT id, execution, 'id: ' || id || E'\\ndata: ' || payload::text || E'\\n\\n',
-               extract(epoch FROM created)::float8, upto
+               extract(epoch FROM created)::float8, upto, payload->'data'->>'action_ref'
           FROM (SELECT id, execution, created, payload, size,
                        sum(size) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto
                   FROM (SELECT id, execution, created, payload,
@@ -96,8 +96,10 @@ def events_after(cur: Any, after_id: int, *, execution_id: int | None = None, th
         psycopg2.extensions.register_type(psycopg2.extensions.BYTES, own)
         own.execute(sql, params)
         events, spent = [], 0
-        for event_id, execution, frame, recorded_at, upto in own:
-            events.append(ExecutionEvent.from_frame(event_id, execution, frame, recorded_at))
+        for event_id, execution, frame, recorded_at, upto, action_ref in own:
+            # The typecaster gives text as bytes; the ref is short and always ASCII-safe UTF-8.
+            ref = action_ref.decode() if action_ref is not None else ""
+            events.append(ExecutionEvent.from_frame(event_id, execution, frame, recorded_at, ref))
             spent = upto
     return Page(events, full=len(events) == limit or spent >= max_bytes)
 

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gunicorn.glogging import Logger
+
 from .config import ENV_PREFIX, Config, check_production, load_config
 from .db import make_psycopg2_green, start_database
 from .migrate import apply_migrations
@@ -27,6 +29,23 @@ _embedded: dict[str, Any] = {}
 # Set in on_starting, before any worker imports prometheus_client (see metrics.py).
 _METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _metrics_dir: dict[str, Path] = {}
+
+
+def _escape(text: str) -> str:
+    """Log-safe text: control characters, quotes, backslashes and non-ASCII as \\xNN escapes, so a
+    request cannot write a line of its own into the log (a path may hold any decoded byte)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\x{ord(c):02x}" if ord(c) < 256
+                   else f"\\u{ord(c):04x}" for c in text)
+
+
+class AccessLogger(Logger):
+    """gunicorn's logger with every request-supplied value of the access line escaped."""
+
+    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
+        return {key: _escape(value) if isinstance(value, str) else value
+                for key, value in super().atoms(resp, req, environ, request_time).items()}
 
 
 def logging_config(config: Config) -> dict[str, Any]:

@@ -21,27 +21,47 @@ def identity_by_login(cur: Any, login: str) -> Row | None:
     return cur.fetchone()
 
 
-def recent_login_failures(cur: Any, login: str, address: str, window_seconds: int) -> tuple[int, float]:
-    """(failed logins of this pair within the window, seconds until the oldest of them leaves it)."""
+def lock_login_pair(cur: Any, login: str, address: str) -> None:
+    """Until the transaction ends, other logins of this pair wait here (their count comes after ours)."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (login, address))
+
+
+PENDING_SECONDS = 30  # an attempt still pending after this counts as a failure (its worker died)
+
+
+def recent_login_failures(cur: Any, login: str, address: str, window_seconds: int) -> tuple[int, int, float]:
+    """(failed logins of this pair within the window, attempts of it being checked now,
+    seconds until the oldest failure leaves the window)."""
     cur.execute(
-        """SELECT count(*) AS n,
+        """SELECT count(*) FILTER (WHERE NOT in_flight) AS failures, count(*) FILTER (WHERE in_flight) AS checking,
                   coalesce(extract(epoch FROM min(at) + make_interval(secs => %s) - now()), 0) AS wait
-           FROM attune.login_failure
-           WHERE login = %s AND address = %s AND at > now() - make_interval(secs => %s)""",
-        (window_seconds, login, address, window_seconds),
+           FROM (SELECT at, pending AND at > now() - make_interval(secs => %s) AS in_flight
+                   FROM attune.login_failure
+                  WHERE login = %s AND address = %s AND at > now() - make_interval(secs => %s)) recent""",
+        (window_seconds, PENDING_SECONDS, login, address, window_seconds),
     )
     row = cur.fetchone()
-    return int(row["n"]), float(row["wait"])
+    return int(row["failures"]), int(row["checking"]), float(row["wait"])
 
 
-def record_login_failure(cur: Any, login: str, address: str, window_seconds: int) -> None:
-    cur.execute("INSERT INTO attune.login_failure (login, address) VALUES (%s, %s)", (login, address))
+def begin_login_attempt(cur: Any, login: str, address: str, window_seconds: int) -> int:
+    """Record an attempt as pending; its id. Rows older than the window go."""
+    cur.execute("INSERT INTO attune.login_failure (login, address, pending) VALUES (%s, %s, true) RETURNING id",
+                (login, address))
+    attempt = cur.fetchone()["id"]
     cur.execute("DELETE FROM attune.login_failure WHERE at < now() - make_interval(secs => %s)",
                 (window_seconds,))
+    return attempt
 
 
-def clear_login_failures(cur: Any, login: str, address: str) -> None:
-    cur.execute("DELETE FROM attune.login_failure WHERE login = %s AND address = %s", (login, address))
+def end_login_attempt(cur: Any, attempt: int, login: str, address: str, *, accepted: bool) -> None:
+    """A wrong password: the attempt is a failure. A right one: it and the pair's failures go
+    (attempts of others still being checked stay)."""
+    if accepted:
+        cur.execute("DELETE FROM attune.login_failure WHERE id = %s OR (login = %s AND address = %s AND NOT pending)",
+                    (attempt, login, address))
+    else:
+        cur.execute("UPDATE attune.login_failure SET pending = false, at = now() WHERE id = %s", (attempt,))
 
 
 def identity_by_id(cur: Any, identity_id: int) -> Row | None:
@@ -57,6 +77,64 @@ def insert_identity(cur: Any, login: str, display_name: str | None, password_has
         (login, display_name, password_hash),
     )
     return cur.fetchone()
+
+
+def set_frozen(cur: Any, login: str, frozen: bool) -> bool:
+    """Freeze or unfreeze; False when there is no such login."""
+    cur.execute("UPDATE attune.identity SET frozen = %s WHERE login = %s", (frozen, login))
+    return cur.rowcount == 1
+
+
+def delete_identity(cur: Any, login: str) -> bool:
+    """Delete an identity (its executions stay, without an executor); False when there is no such login."""
+    cur.execute("DELETE FROM attune.identity WHERE login = %s", (login,))
+    return cur.rowcount == 1
+
+
+# -- permission sets -----------------------------------------------------------
+
+
+def upsert_permission_set(cur: Any, ref: str, label: str | None, grants: list[Any], *,
+                          replace: bool = False) -> Row | None:
+    """The new set (or the replaced one with ``replace``); None when the ref is taken."""
+    conflict = ("DO UPDATE SET grants = EXCLUDED.grants, label = coalesce(EXCLUDED.label, permission_set.label)"
+                if replace else "DO NOTHING")
+    cur.execute(
+        f"""INSERT INTO attune.permission_set (ref, label, grants) VALUES (%s, %s, %s)
+            ON CONFLICT (ref) {conflict} RETURNING id, ref, label, grants""",
+        (ref, label, Json(grants)),
+    )
+    return cur.fetchone()
+
+
+def assign_permission_set(cur: Any, login: str, ref: str) -> str | None:
+    """Assign; None on success (or if it was assigned already), else what is missing."""
+    return _assignment(cur, login, ref, """
+        INSERT INTO attune.permission_assignment (identity, permission_set) VALUES (%s, %s)
+        ON CONFLICT DO NOTHING""")
+
+
+def revoke_permission_set(cur: Any, login: str, ref: str) -> str | None:
+    """Revoke; None on success, else what is missing."""
+    problem = _assignment(cur, login, ref, """
+        DELETE FROM attune.permission_assignment WHERE identity = %s AND permission_set = %s""")
+    if problem is None and cur.rowcount == 0:
+        return f"permission set {ref!r} is not assigned to {login!r}"
+    return problem
+
+
+def _assignment(cur: Any, login: str, ref: str, sql: str) -> str | None:
+    """Run ``sql`` with (identity id, set id); ``cur`` gives plain tuples."""
+    cur.execute("SELECT id FROM attune.identity WHERE login = %s", (login,))
+    identity = cur.fetchone()
+    if identity is None:
+        return f"no identity {login!r}"
+    cur.execute("SELECT id FROM attune.permission_set WHERE ref = %s", (ref,))
+    permission_set = cur.fetchone()
+    if permission_set is None:
+        return f"no permission set {ref!r}; create it with: attune-sse permset create {ref} --grants JSON"
+    cur.execute(sql, (identity[0], permission_set[0]))
+    return None
 
 
 # -- packs and actions ---------------------------------------------------------
@@ -119,9 +197,11 @@ _EXECUTION_COLUMNS = (
 
 
 def list_executions(cur: Any, *, status: str | None, action_ref: str | None,
-                    limit: int, offset: int) -> tuple[list[Row], int]:
-    """A page of executions, newest first, and the total that match."""
-    where, params = [], []
+                    limit: int, offset: int,
+                    visible: tuple[str, list[Any]] = ("true", [])) -> tuple[list[Row], int]:
+    """A page of executions, newest first, and the total that match; ``visible`` is a
+    condition (and its parameters) that limits both to what the caller may read."""
+    where, params = [visible[0]], list(visible[1])
     if status is not None:
         where.append("status = %s::attune.execution_status_enum")
         params.append(status)
@@ -141,6 +221,16 @@ def list_executions(cur: Any, *, status: str | None, action_ref: str | None,
 def execution_by_id(cur: Any, execution_id: int) -> Row | None:
     cur.execute(f"SELECT {_EXECUTION_COLUMNS} FROM attune.execution WHERE id = %s", (execution_id,))
     return cur.fetchone()
+
+
+def action_ref_of(cur: Any, execution_id: int, *, lock: bool = False) -> str | None:
+    """The execution's action ref (who may see it depends on it), or None if there is no such
+    execution; not the rest of the row, whose result may be megabytes. With ``lock``,
+    the row is locked until the transaction ends."""
+    cur.execute(f"SELECT action_ref FROM attune.execution WHERE id = %s{' FOR UPDATE' if lock else ''}",
+                (execution_id,))
+    row = cur.fetchone()
+    return None if row is None else row["action_ref"]
 
 
 def insert_execution(cur: Any, action: Row, config: Any, executor: int | None,

@@ -22,11 +22,13 @@ from typing import Any
 from flask import Blueprint, Response, request
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
 
-from . import record, sse
+from . import record, sse, store
+from .access import EVERYTHING, Principal, Scope
+from .auth import current_principal
 from .db import Pool
-from .errors import NotReady
+from .errors import NotFound, NotReady, TooManyRequests
 from .event import ExecutionEvent, reset_frame
-from .hub import TOKEN_EXPIRED, Hub
+from .hub import SIGNED_OUT, TOKEN_EXPIRED, Hub
 from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,23 @@ HEADERS = {
 def execution_stream() -> Any:
     verify_jwt_in_request(locations=["headers", "query_string"])
     expires_at = get_jwt().get("exp")
+    principal = current_principal()
     execution_id = positive_int_arg("execution_id")
     last_event_id = _last_event_id()
     app_state = state()
     if app_state.hub.closed:
         raise NotReady("This worker is shutting down; reconnect.", code="SHUTTING_DOWN")
     config = app_state.config
+    limit = config["server.max_streams_per_identity"]
+    if app_state.hub.streams_of(principal.id) >= limit:
+        raise TooManyRequests(f"This identity has {limit} streams open on this worker "
+                              "(server.max_streams_per_identity); close one first.", code="TOO_MANY_STREAMS")
+    readable = principal.scope("executions", "read")
+    if execution_id is not None:
+        with app_state.pool.cursor() as cur:
+            action_ref = store.action_ref_of(cur, execution_id)
+        if action_ref is None or not readable.allows_action(action_ref):
+            raise NotFound(f"Execution {execution_id} does not exist.", code="EXECUTION_NOT_FOUND")
     body = event_stream(
         app_state.hub,
         execution_id,
@@ -61,7 +74,10 @@ def execution_stream() -> Any:
         reconnect_spread_ms=config["server.sse_reconnect_spread_ms"],
         last_event_id=last_event_id,
         expires_at=expires_at,
-        backlog=functools.partial(read_backlog, app_state.pool, execution_id),
+        identity=principal.id,
+        scope=readable,
+        confirm=functools.partial(app_state.access.recheck, principal.id),
+        backlog=functools.partial(read_backlog, app_state.backlog_pool, execution_id),
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
                               chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
     )
@@ -122,7 +138,8 @@ def _last_event_id() -> int | None:
     return parse_int(raw, name, minimum=0)
 
 
-def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int) -> Iterator[tuple[bytes, int]]:
+def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int,
+                 scope: Callable[[], Scope] = lambda: EVERYTHING) -> Iterator[tuple[bytes, int]]:
     """What a client resuming after ``after`` missed, up to ``through``, from the record.
 
     Yields (frames, the client's position once it has them); the last position
@@ -131,7 +148,9 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int)
     client behind the retention window, or with an id this database never
     issued, first gets a ``reset`` event. Pages are bounded in bytes
     (record.PAGE_BYTES), and frames leave in chunks of about ``CHUNK_BYTES``: a
-    resume over large results holds about a page.
+    resume over large results holds about a page. Events of executions the
+    stream's scope (``scope()``, asked again for each page: access may narrow
+    meanwhile) does not allow are left out.
     """
     with pool.cursor(dict_rows=False) as cur:
         newest = record.newest(cur)
@@ -153,6 +172,8 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int)
             after = horizon
         if events:
             after = events[-1].event_id
+        # Read now, not when the stream opened: a scope narrowed since applies to the rest.
+        events = scope().filter(events)
         yield from _in_chunks(events)
         del events  # one page at a time: this one is not held while the next is read
         if not full:
@@ -184,27 +205,42 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
                  expires_at: float | None = None,
-                 backlog: Callable[[int, int], Iterator[tuple[bytes, int]]] | None = None,
+                 identity: int | None = None,
+                 scope: Scope = EVERYTHING,
+                 confirm: Callable[[], dict[int, Principal | None]] | None = None,
+                 backlog: Callable[[int, int, Callable[[], Scope]], Iterator[tuple[bytes, int]]] | None = None,
                  connection: Connection | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
     The stream starts at the hub's position: every event after it is sent, none
-    up to it. With ``last_event_id``, ``backlog(last_event_id, position)``
-    supplies what the client missed, as (frames, id reached), before the live
-    events. When the stream ends, its ``retry:`` is ``retry_ms`` plus a random
-    share of ``reconnect_spread_ms``, so the clients of a stopping worker come
-    back spread out instead of all at once.
+    up to it; only events of executions ``scope`` allows are sent (the hub
+    narrows it if ``identity``'s access changes). With ``last_event_id``,
+    ``backlog(last_event_id, position, scope_now)`` supplies what the client
+    missed, as (frames, id reached), before the live events. When the stream
+    ends, its ``retry:`` is ``retry_ms`` plus a random share of
+    ``reconnect_spread_ms``, so the clients of a stopping worker come back
+    spread out instead of all at once.
 
     At ``expires_at`` (the token's ``exp``) the stream ends with a
     ``token_expired`` event: the client refreshes its token and reconnects
-    with Last-Event-ID, missing nothing.
+    with Last-Event-ID, missing nothing. If the identity is frozen or deleted,
+    it ends with a ``signed_out`` event. ``confirm()`` gives the identity as
+    access control knows it once the stream is subscribed (AccessControl.recheck).
     """
     connection = connection or Connection(None)
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
-    sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd)
+    sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd, identity=identity, scope=scope)
     sub.expires_at = expires_at  # the hub ends it then (checked every second, no timer per stream)
     try:
+        if confirm is not None and identity is not None:
+            # Access may have changed since the view looked, before the hub held this stream
+            # (where the access watcher finds it): look again now that it does.
+            try:
+                hub.apply_access(confirm())
+            except NotReady as exc:
+                log.warning("ending a new stream: its identity could not be checked (%s)", exc.message)
+                return
         log.debug("stream opened (execution_id=%s, %d subscribers)", execution_id, len(hub))
         # Read right after subscribing, with no wait in between: every event published
         # from now on is newer than the position, and every older one is not owed.
@@ -227,7 +263,9 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         if last_event_id is not None and backlog is not None:
             try:
                 client_at = last_event_id
-                for frames, reached in backlog(last_event_id, position):
+                for frames, reached in backlog(last_event_id, position, lambda: sub.scope):
+                    if sub.reason is not None:
+                        break  # signed out (or the worker stops): the rest is not owed
                     if frames:
                         yield frames
                     del frames  # not held while the next page is read
@@ -256,6 +294,9 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         if sub.reason == TOKEN_EXPIRED:
             data = json.dumps({"reason": "the access token expired: refresh it and reconnect with Last-Event-ID"})
             yield sse.Message(data=data, event="token_expired", retry=retry).encode()
+        elif sub.reason == SIGNED_OUT:
+            data = json.dumps({"reason": "this identity was frozen or deleted"})
+            yield sse.Message(data=data, event="signed_out", retry=retry).encode()
         else:
             yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
     finally:

@@ -82,7 +82,9 @@ class ServerProcess:
         try:
             if requests.get(self.base_url + "/readyz", timeout=2).status_code != 200:
                 return False
-            metrics = requests.get(self.base_url + "/metrics", timeout=2).text
+            token = self.config.get("security", {}).get("metrics_token")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            metrics = requests.get(self.base_url + "/metrics", headers=headers, timeout=2).text
         except requests.ConnectionError:
             return False
         match = re.search(r"^attune_sse_listener_connected (\S+)$", metrics, re.MULTILINE)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,7 @@ import gevent
 from flask import Flask, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .access import AccessControl
 from .config import Config
 from .db import Pool
 from .errors import ApiError, BadRequest
@@ -32,7 +35,9 @@ class AppState:
     hub: Hub
     listener: Listener
     metrics: Metrics
-    background: list[gevent.Greenlet] = field(default_factory=list)  # pruner, metrics sync, keep-alive tick
+    access: AccessControl
+    backlog_pool: Pool  # resumes read the record here, so they cannot take REST's connections
+    background: list[gevent.Greenlet] = field(default_factory=list)  # pruner, metrics, keep-alive, access
 
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""
@@ -41,6 +46,7 @@ class AppState:
         for greenlet in self.background:
             greenlet.kill(block=False)
         self.pool.close()
+        self.backlog_pool.close()
         return open_streams
 
 
@@ -58,7 +64,13 @@ def json_body() -> dict[str, Any]:
     """The request's JSON object, or a 400 that says what is wrong with it."""
     if not request.is_json:
         raise BadRequest("Send a JSON object with 'Content-Type: application/json'.", code="INVALID_JSON")
-    body = request.get_json(silent=True)
+    try:
+        body = json.loads(request.get_data(cache=True), parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
+                         code="INVALID_JSON") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and _no_constant's
+        raise BadRequest(f"The request body is not valid JSON: {str(exc)[:200]}.", code="INVALID_JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.", code="INVALID_JSON")
     problem = storable_problem(body)
@@ -70,6 +82,10 @@ def json_body() -> dict[str, Any]:
 MAX_JSON_DEPTH = 100
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def storable_problem(value: Any, depth: int = 0) -> str | None:
     """Why PostgreSQL could not store this JSON value (text and jsonb take no NUL character
     and no lone surrogate), or None."""
@@ -77,6 +93,8 @@ def storable_problem(value: Any, depth: int = 0) -> str | None:
         return f"is nested more than {MAX_JSON_DEPTH} levels deep"
     if isinstance(value, str):
         return text_problem(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "holds a number too large to store (JSON numbers must be finite)"
     if isinstance(value, dict):
         items = [*value.keys(), *value.values()]
     elif isinstance(value, list):
@@ -155,7 +173,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Any:
-        return jsonify(exc.to_dict()), exc.status
+        return jsonify(exc.to_dict()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Any:

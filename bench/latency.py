@@ -37,6 +37,7 @@ import sseclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from attune_sse.access import ALL_GRANTS
 from attune_sse.embedded import EmbeddedPostgres
 from attune_sse.migrate import apply_migrations
 from attune_sse.testing import ServerProcess
@@ -231,7 +232,7 @@ def start_stack(workers: int) -> Iterator[tuple[ServerProcess, str, str]]:
     server = ServerProcess({
         "database": {"url": database_url},
         "server": {"workers": workers},
-        "security": {"jwt_secret": SECRET, "allow_registration": True},
+        "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
         "log": {"level": "warn"},
     }, work).start()
     try:

@@ -47,6 +47,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from attune_sse.access import ALL_GRANTS  # noqa: E402
 from attune_sse.embedded import EmbeddedPostgres, free_port  # noqa: E402
 from attune_sse.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
@@ -255,7 +256,7 @@ def start_attune(database_url: str, work: Path, token_holder: dict) -> System:
     server = ServerProcess({
         "database": {"url": database_url, "pool_size": 5},
         "server": {"workers": 2, "worker_connections": 12000, "sse_keepalive_seconds": 15},
-        "security": {"jwt_secret": SECRET, "allow_registration": True},
+        "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
         "log": {"level": "warn"},
     }, work).start()
     if "token" not in token_holder:

@@ -17,6 +17,7 @@ import psycopg2
 import pytest
 import requests
 
+from attune_sse.access import ALL_GRANTS
 from attune_sse.embedded import EmbeddedPostgres
 from attune_sse.migrate import apply_migrations
 from attune_sse.testing import ServerProcess, listener_pids
@@ -93,6 +94,7 @@ def db(database: Database) -> Iterator[Any]:
 SECURITY_CONFIG = {
     "jwt_secret": JWT_SECRET, "jwt_access_expiration": 300,
     "jwt_refresh_expiration": 3600, "allow_registration": True,
+    "default_grants": ALL_GRANTS,  # as config.test.yaml: identities with no permission set may do all
 }
 
 
@@ -104,6 +106,8 @@ def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, A
         "server": {
             "workers": WORKERS, "sse_keepalive_seconds": 1, "graceful_timeout": 3,
             "cors_origins": ["http://localhost:3000"], "max_body_bytes": 4 * 1024 * 1024,
+            # Tests open hundreds of streams of one identity; the cap is tested on a server of its own.
+            "max_streams_per_identity": 10_000,
         },
         "security": SECURITY_CONFIG,
         "log": {"level": "info"},

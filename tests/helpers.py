@@ -185,3 +185,47 @@ class RawStream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- access: packs, permission sets, executions made as an operator would ------------
+
+def make_pack(database: Any, pack: str) -> str:
+    """A pack with one action; returns the action's ref."""
+    database.query("INSERT INTO attune.pack (ref, label) VALUES (%s, %s) ON CONFLICT DO NOTHING", (pack, pack))
+    database.query(
+        """INSERT INTO attune.action (ref, pack, pack_ref, label)
+           SELECT %s, id, ref, 'run' FROM attune.pack WHERE ref = %s ON CONFLICT DO NOTHING""",
+        (f"{pack}.run", pack),
+    )
+    return f"{pack}.run"
+
+
+def grant(database: Any, identity: dict[str, Any], ref: str, grants: list[dict[str, Any]]) -> None:
+    """Create permission set ``ref`` with ``grants`` (or replace its grants) and assign it."""
+    database.query(
+        """INSERT INTO attune.permission_set (ref, grants) VALUES (%s, %s)
+           ON CONFLICT (ref) DO UPDATE SET grants = EXCLUDED.grants""",
+        (ref, json.dumps(grants)),
+    )
+    database.query(
+        """INSERT INTO attune.permission_assignment (identity, permission_set)
+           SELECT %s, id FROM attune.permission_set WHERE ref = %s ON CONFLICT DO NOTHING""",
+        (identity["id"], ref),
+    )
+
+
+def pack_grants(pack: str, actions: tuple[str, ...] = ("read", "create", "update")) -> list[dict[str, Any]]:
+    return [{"resource": "executions", "actions": list(actions), "constraints": {"pack_refs": [pack]}},
+            {"resource": "actions", "actions": ["read"], "constraints": {"pack_refs": [pack]}},
+            {"resource": "packs", "actions": ["read"], "constraints": {"pack_refs": [pack]}}]
+
+
+def new_execution(database: Any, action_ref: str) -> int:
+    ((execution_id,),) = database.query(
+        """INSERT INTO attune.execution (action, action_ref, config)
+           SELECT id, ref, '{}' FROM attune.action WHERE ref = %s RETURNING id""", (action_ref,))
+    return execution_id
+
+
+def touch(database: Any, execution_id: int, status: str = "running") -> None:
+    database.query("UPDATE attune.execution SET status = %s WHERE id = %s", (status, execution_id))

@@ -8,8 +8,9 @@ from typing import Any
 import gevent
 import pytest
 
+from attune_sse.access import Principal, compile_grants
 from attune_sse.event import ExecutionEvent
-from attune_sse.hub import Hub
+from attune_sse.hub import SIGNED_OUT, Hub
 
 
 def event(event_id: int, entity_id: int = 1) -> ExecutionEvent:
@@ -224,3 +225,57 @@ def test_a_stream_waiting_for_the_first_position_is_woken() -> None:
     gevent.sleep(0)
     hub.advance(7)
     assert waiter.get(timeout=1) == 7
+
+
+# -- what each subscriber may read -----------------------------------------------
+
+def ref_event(event_id: int, entity_id: int, action_ref: str) -> ExecutionEvent:
+    return ExecutionEvent.from_record(event_id, entity_id, b"{}", action_ref=action_ref)
+
+
+def principal(identity: int, grants: list[dict[str, Any]], frozen: bool = False) -> Principal:
+    return Principal(identity, f"user{identity}", frozen, compile_grants(grants))
+
+
+def pack_read(*packs: str) -> list[dict[str, Any]]:
+    return [{"resource": "executions", "actions": ["read"], "constraints": {"pack_refs": list(packs)}}]
+
+
+def test_subscribers_get_only_events_their_scope_allows() -> None:
+    hub = Hub()
+    a = principal(1, pack_read("a")).scope("executions", "read")
+    only_ref = principal(2, [{"resource": "executions", "actions": ["read"],
+                              "constraints": {"refs": ["b.two"]}}]).scope("executions", "read")
+    sub_a = [hub.subscribe(identity=1, scope=a) for _ in range(2)]
+    sub_ref = hub.subscribe(identity=2, scope=only_ref)
+    sub_all = hub.subscribe(identity=3)
+    sub_one = hub.subscribe(execution_id=5, identity=1, scope=a)  # b.two is not in pack a
+    sub_none = hub.subscribe(identity=4, scope=principal(4, []).scope("executions", "read"))
+    hub.publish_batch([ref_event(1, 4, "a.one"), ref_event(2, 5, "b.two"), ref_event(3, 6, "b.three"),
+                       ref_event(4, 4, "a.one")])
+    for sub in sub_a:
+        assert [e.event_id for e in sub.next_batch(0.1)] == [1, 4]
+    assert [e.event_id for e in sub_ref.next_batch(0.1)] == [2]
+    assert [e.event_id for e in sub_all.next_batch(0.1)] == [1, 2, 3, 4]
+    assert sub_one.next_batch(0.05) == [] and sub_none.next_batch(0.05) == []
+    assert hub.streams_of(1) == 3 and sorted(hub.identities()) == [1, 2, 3, 4]
+
+
+def test_apply_access_ends_and_narrows_streams() -> None:
+    hub = Hub()
+    both = principal(1, pack_read("a", "b")).scope("executions", "read")
+    narrowed = hub.subscribe(identity=1, scope=both)
+    frozen = hub.subscribe(identity=2, scope=both)
+    deleted = hub.subscribe(identity=3, scope=both)
+    anonymous = hub.subscribe()
+    unknown = hub.subscribe(identity=9, scope=both)  # not in what was reloaded: left as it is
+    ended = hub.apply_access({1: principal(1, pack_read("a")), 2: principal(2, pack_read("a"), frozen=True),
+                              3: None})
+    assert ended == 2 and frozen.reason == SIGNED_OUT and deleted.reason == SIGNED_OUT
+    assert narrowed.reason is None and anonymous.reason is None and unknown.reason is None
+    assert sorted(hub.identities()) == [1, 9] and len(hub) == 3
+    hub.publish_batch([ref_event(1, 1, "a.x"), ref_event(2, 2, "b.x")])
+    assert [e.event_id for e in narrowed.next_batch(0.1)] == [1]
+    assert [e.event_id for e in anonymous.next_batch(0.1)] == [1, 2]
+    hub.unsubscribe(narrowed)
+    assert hub.identities() == [9] and hub.streams_of(1) == 0

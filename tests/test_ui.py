@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
 from attune_sse.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
+from helpers import grant, make_pack, new_execution, pack_grants, touch
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -209,3 +212,45 @@ def test_a_thousand_rows_and_a_hundred_updates_a_second(
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "ui-load.json").write_text(json.dumps({"rows": 1000, "updates": 300, **stats}, indent=2))
     assert stats["max"] < 500, f"the page stalled for {stats['max']:.0f} ms while updates came in"
+
+
+def test_the_page_shows_only_what_the_identity_may_read_and_says_what_it_may_not_do(
+    page: Page, ui_server: Any, database: Any,
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    mine, theirs = make_pack(database, f"ui-a-{tag}"), make_pack(database, f"ui-b-{tag}")
+    srv = ui_server()
+    login = f"viewer-{tag}"
+    registered = requests.post(srv.base_url + "/auth/register", json={"login": login, "password": "viewer-password"},
+                               timeout=10)
+    viewer = {**registered.json()["data"], "login": login, "password": "viewer-password"}
+    viewer["id"] = viewer["user"]["id"]
+    grant(database, viewer, f"ui.view{tag}", pack_grants(f"ui-a-{tag}", ("read",)))
+    visible, hidden = new_execution(database, mine), new_execution(database, theirs)
+    time.sleep(0.6)  # the workers have seen the assignment (security.access_refresh_seconds)
+
+    page.goto(srv.base_url + "/")
+    page.fill("input[name=login]", login)
+    page.fill("input[name=password]", viewer["password"])
+    page.click("button[type=submit]")
+    expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=10_000)
+    expect(row(page, visible)).to_be_visible()
+    touch(database, hidden, "running")
+    touch(database, visible, "running")
+    expect(row(page, visible).locator(".status")).to_have_text("running", timeout=2000)
+    expect(row(page, hidden)).to_have_count(0)  # neither from the table's load nor from the stream
+
+    # An action it may not take: a message, and the page goes on.
+    row(page, visible).click()
+    expect(page.locator("#detail-fields")).to_contain_text(mine)
+    page.click("#cancel")
+    expect(page.locator("#detail-error")).to_have_text(f"You may not change execution {visible}.")
+    touch(database, visible, "completed")
+    expect(page.locator("#detail-fields .status")).to_have_text("completed", timeout=2000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-forbidden.png"), full_page=True)
+
+    # Frozen: the server ends the stream with "signed out", and the page signs out.
+    database.query("UPDATE attune.identity SET frozen = true WHERE id = %s", (viewer["id"],))
+    expect(page.locator("#login-view")).to_be_visible(timeout=3000)
+    expect(page.locator("#login-error")).to_have_text("Signed out: this identity was frozen or deleted.")

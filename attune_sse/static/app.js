@@ -114,6 +114,10 @@ function connect(resumeFrom) {
   };
   source.onmessage = (message) => onEvent(message);
   source.addEventListener("reset", () => loadTable());  // history has a hole: reload what we show
+  source.addEventListener("signed_out", () => {
+    // The server ended the stream: this identity was frozen or deleted.
+    logout("Signed out: this identity was frozen or deleted.");
+  });
   source.addEventListener("token_expired", () => {
     // The server ends the stream when the token it was opened with expires.
     refreshToken().then(reconnect, logout);
@@ -255,12 +259,33 @@ async function openDetail(id) {
   state.lastId = state.tableLastId;
   show("detail-view");
   $("detail-id").textContent = id;
+  $("detail-error").textContent = "";
+  $("detail-fields").replaceChildren();
+  $("detail-result").replaceChildren();
+  $("cancel").hidden = true;
   connect(state.tableLastId);  // the tab's one stream, now for this execution only
-  const body = await api(`/api/v1/executions/${id}`);
-  if (state.view === "detail" && state.detailId === id) showDetail(body.data);
+  try {
+    const body = await api(`/api/v1/executions/${id}`);
+    if (state.view === "detail" && state.detailId === id) showDetail(body.data);
+  } catch (error) {
+    if (state.view === "detail" && state.detailId === id) $("detail-error").textContent = error.message;
+  }
+}
+
+async function requestCancel() {
+  const id = state.detailId;
+  $("detail-error").textContent = "";
+  try {
+    const body = await api(`/api/v1/executions/${id}`, {method: "PATCH", body: JSON.stringify({status: "canceling"})});
+    if (state.view === "detail" && state.detailId === id) showDetail(body.data);
+  } catch (error) {
+    // 403: this identity may read the execution but not change it; the page stays as it was.
+    $("detail-error").textContent = error.message;
+  }
 }
 
 function showDetail(data) {
+  $("cancel").hidden = TERMINAL.has(data.status) || data.status === "canceling";
   const fields = $("detail-fields");
   fields.replaceChildren();
   for (const key of ["id", "action_ref", "status", "created", "updated"]) {
@@ -329,7 +354,9 @@ async function start() {
   }
 }
 
-function logout() {
+function logout(reason) {
+  // A reason: a message (the server signed us out), or the error of a refresh it refused.
+  const message = typeof reason === "string" ? reason : reason instanceof Error ? reason.message : "";
   if (state.source) state.source.close();
   state.source = null;
   clearTimeout(state.refreshTimer);
@@ -340,6 +367,7 @@ function logout() {
   $("executions").tBodies[0].replaceChildren();
   setConnection("offline");
   show("login-view");
+  $("login-error").textContent = message;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -353,7 +381,8 @@ document.addEventListener("DOMContentLoaded", () => {
     if (tr) openDetail(Number(tr.dataset.id));
   });
   $("back").addEventListener("click", closeDetail);
-  $("logout").addEventListener("click", logout);
+  $("cancel").addEventListener("click", requestCancel);
+  $("logout").addEventListener("click", () => logout());
   window.addEventListener("offline", () => setConnection("offline"));
   window.addEventListener("online", () => { if (state.source) reconnect(); });
   setInterval(tickDurations, 1000);
