@@ -223,8 +223,11 @@ class AccessControl:
 
     MAX_CACHED = 10_000
 
-    def __init__(self, pool: Pool, default_grants: list[dict[str, Any]], refresh_seconds: float = 0.5) -> None:
-        self.pool = pool
+    def __init__(self, pool: Pool, default_grants: list[dict[str, Any]], refresh_seconds: float = 0.5,
+                 watch_pool: Pool | None = None) -> None:
+        self.pool = pool  # requests load the identities they meet here
+        # The watcher's own connection: a busy REST pool must not delay a revocation.
+        self.watch_pool = watch_pool or pool
         self.default_grants = default_grants
         self.refresh_seconds = refresh_seconds
         self.generation: int | None = None
@@ -245,9 +248,9 @@ class AccessControl:
         principal = self.principal(identity_id)
         return {identity_id: principal} if before is None or self.generation == before else {}
 
-    def _load(self, identity_ids: list[int]) -> dict[int, Principal]:
+    def _load(self, identity_ids: list[int], pool: Pool | None = None) -> dict[int, Principal]:
         generation_before = self.generation
-        with self.pool.cursor() as cur:
+        with (pool or self.pool).cursor() as cur:
             if self.generation is None:
                 self.generation = generation_before = generation(cur)
             found = load_principals(cur, identity_ids, self.default_grants)
@@ -261,7 +264,7 @@ class AccessControl:
 
     def refresh(self) -> bool:
         """Poll the generation; on a change drop the cache and return True."""
-        with self.pool.cursor() as cur:
+        with self.watch_pool.cursor() as cur:
             current = generation(cur)
         if current == self.generation:
             return False
@@ -282,18 +285,27 @@ class AccessControl:
         def run() -> None:
             while True:
                 gevent.sleep(self.refresh_seconds)
+                seen = self.generation
                 try:
                     if not self.refresh():
                         continue
                     ids = streams()
-                    found = self._load(ids) if ids else {}
+                    found = self._load(ids, self.watch_pool) if ids else {}
                     principals = {identity: found.get(identity) for identity in ids}
                     log.info("access changed (generation %s): %d identities with streams reloaded",
                              self.generation, len(ids))
                     apply(principals)
                 except NotReady as exc:
-                    log.warning("could not check for access changes: %s", exc.message)
+                    self._retry_from(seen)
+                    log.warning("could not check for access changes (retrying): %s", exc.message)
                 except Exception:
+                    self._retry_from(seen)
                     log.exception("access watcher failed; retrying")
 
         return gevent.spawn(run)
+
+    def _retry_from(self, seen: int | None) -> None:
+        """A change seen but not applied to the streams: look at it again on the next poll."""
+        if seen is not None and self.generation != seen:
+            self.generation = seen
+            self._cache.clear()

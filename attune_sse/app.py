@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import api, auth, openapi, stream
 from .access import AccessControl
@@ -73,7 +74,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     pool = Pool(url, config["database.pool_size"])
     # Resumes wait for one of these rather than take REST's connections; each holds one for a page.
     backlog_pool = Pool(url, config["database.backlog_pool_size"], acquire_timeout=30.0)
-    access = AccessControl(pool, config["security.default_grants"], config["security.access_refresh_seconds"])
+    access = AccessControl(pool, config["security.default_grants"], config["security.access_refresh_seconds"],
+                           watch_pool=Pool(url, 1, acquire_timeout=5.0))
     metrics = Metrics(hub, listener, CollectorRegistry())
     background = []
     if start_listener:
@@ -100,6 +102,10 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.wsgi_app = BodyDeadline(app.wsgi_app, timeout=config["server.body_timeout_seconds"],  # type: ignore[method-assign]
                                 min_rate=config["server.body_min_rate_bytes"],
                                 max_bytes=config["server.max_body_bytes"])
+    if config["server.proxy_hops"]:
+        # Behind proxies every peer is the proxy: the login limit and the metrics allow-list
+        # need the client's address, which only the trusted hops' X-Forwarded-For tells.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config["server.proxy_hops"])  # type: ignore[method-assign]
     return app
 
 

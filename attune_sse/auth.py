@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import logging
 import math
+import secrets
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from . import store
 from .access import Principal
 from .config import Config
-from .errors import Conflict, Forbidden, TooManyRequests, Unauthorized
+from .errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
 from .event import MAX_BIGINT
 from .web import invalid, json_body, optional_string, required_string, state
 
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def _dummy_hash() -> str:
-    """Checked against when the login is unknown, so both failures take as long."""
-    return generate_password_hash("attune-sse timing equaliser")
+    """Checked against when the login is unknown (or has no password), so every failure takes
+    as long; of a random password nobody knows, and never a reason to accept."""
+    return generate_password_hash(secrets.token_urlsafe(32))
 
 
 # Password hashing takes a few hundred ms of CPU by design. It runs on gevent's thread
@@ -47,7 +49,11 @@ def hash_password(password: str) -> str:
 
 
 def password_matches(stored_hash: str, password: str) -> bool:
-    return gevent.get_hub().threadpool.apply(check_password_hash, (stored_hash, password))
+    try:
+        return gevent.get_hub().threadpool.apply(check_password_hash, (stored_hash, password))
+    except ValueError as exc:  # a hash of a method werkzeug does not know (made by another service)
+        log.warning("a stored password hash could not be checked (%s): treated as a wrong password", exc)
+        return False
 
 
 def init_app(app: Flask, config: Config) -> None:
@@ -144,10 +150,16 @@ def login() -> Any:
     address = request.remote_addr or "unknown"
     attempt, identity = _begin_login(login_name, address)
     # The same work whether the login exists or not: its answer takes as long.
-    stored_hash = identity["password_hash"] if identity and identity["password_hash"] else _dummy_hash()
-    accepted = password_matches(stored_hash, password) and identity is not None
-    with state().pool.cursor() as cur:
-        store.end_login_attempt(cur, attempt, login_name, address, accepted=accepted)
+    has_password = identity is not None and bool(identity["password_hash"])
+    stored_hash = identity["password_hash"] if has_password else _dummy_hash()
+    accepted = password_matches(stored_hash, password) and has_password
+    try:
+        with state().pool.cursor() as cur:
+            store.end_login_attempt(cur, attempt, login_name, address, accepted=accepted)
+    except NotReady:
+        # The attempt stays pending; it counts as a failure after store.PENDING_SECONDS.
+        log.warning("could not record the end of a login attempt of %r; retry shortly", login_name)
+        raise
     if not accepted:
         log.info("login failed for %r from %s", login_name, address)
         raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")

@@ -25,7 +25,9 @@ import gevent
 log = logging.getLogger(__name__)
 
 GRACE = 5.0  # seconds any body may take, whatever its rate
-CHUNK = 64 * 1024
+# Read in steps this small: a step returns only once it is full, so the rate is checked
+# per step, and a large step would give a trickle a long deadline before its first check.
+STEP = 4 * 1024
 
 
 class _TooSlow(Exception):
@@ -84,7 +86,7 @@ class BodyDeadline:
         parts, got = [], 0
         limit = self.max_bytes + 1 if length is None else length
         while got < limit:
-            want = min(CHUNK, limit - got)
+            want = min(STEP, limit - got)
             left = start + self._allowed(got + want) - time.monotonic()
             if left <= 0:
                 raise _TooSlow(f"{got} bytes in {time.monotonic() - start:.1f} s")

@@ -137,6 +137,9 @@ SETTINGS: tuple[Setting, ...] = (
             "after its first 5 s a request body must arrive at this many bytes/s on average, or 408 (0: off)"),
     Setting("server.max_streams_per_identity", 50, _number(1, 1_000_000, integer=True),
             "streams one identity may hold open on one worker; more get 429"),
+    Setting("server.proxy_hops", 0, _number(0, 10, integer=True),
+            "reverse proxies in front that set X-Forwarded-For: the client's address is read from it "
+            "(0: the TCP peer's address)"),
     Setting("server.metrics_allow", ["127.0.0.1/32", "::1/128"], _networks,
             "addresses that may read /metrics and the detailed /readyz (others: the scrape token)"),
     Setting("server.sse_retry_ms", 3000, _number(0, 600_000, integer=True),

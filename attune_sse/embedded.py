@@ -24,6 +24,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,6 +117,7 @@ class EmbeddedPostgres:
         if running is not None:
             self.port = running
             log.info("embedded PostgreSQL already running in %s on port %d", self.data_dir, running)
+            self._require_password()
             return self
         self.port = self._choose_port()
         started = time.monotonic()
@@ -124,8 +126,7 @@ class EmbeddedPostgres:
             "embedded PostgreSQL started in %s on 127.0.0.1:%d (%.1fs)",
             self.data_dir, self.port, time.monotonic() - started,
         )
-        if not (self.data_dir / PASSWORD_FILE).exists():
-            self._secure_old_cluster()
+        self._require_password()
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -198,7 +199,9 @@ class EmbeddedPostgres:
         log.info("initialising embedded PostgreSQL cluster in %s", self.data_dir)
         password = secrets.token_urlsafe(32)
         # initdb wants an empty folder: the password goes in once it is made.
-        pwfile = self.data_dir.parent / f".{self.data_dir.name}.initpw"
+        fd, name = tempfile.mkstemp(prefix=f".{self.data_dir.name}-", suffix=".pw", dir=self.data_dir.parent)
+        os.close(fd)
+        pwfile = Path(name)
         self._write_private(pwfile, password)
         try:
             self._run(
@@ -216,7 +219,7 @@ class EmbeddedPostgres:
 
     def _write_private(self, path: Path, text: str) -> None:
         """A file only its owner reads: the server's user under root, else us."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as file:
             file.write(text + "\n")
         os.chmod(path, 0o600)
@@ -224,24 +227,34 @@ class EmbeddedPostgres:
             entry = self._system_user()
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
-    def _secure_old_cluster(self) -> None:
-        """A cluster an older attune-sse made with trust authentication: set a password, then require it."""
+    def _require_password(self) -> None:
+        """Checked on every start: the superuser has a password in its file, and pg_hba.conf asks
+        every connection for it. A cluster an older attune-sse made with trust authentication
+        gets both; so does one whose set-up was cut short between the two."""
         import psycopg2
 
-        log.warning("embedded PostgreSQL in %s let any local user in (trust); giving it a password",
-                    self.data_dir)
-        password = secrets.token_urlsafe(32)
-        conn = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=10)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("SET password_encryption = 'scram-sha-256'")
-                cur.execute("ALTER ROLE postgres PASSWORD %s", (password,))
-        finally:
-            conn.close()
-        self._write_private(self.data_dir / PASSWORD_FILE, password)
-        (self.data_dir / "pg_hba.conf").write_text(HBA)
-        self._pg_ctl("reload")
+        if not (self.data_dir / PASSWORD_FILE).exists():
+            log.warning("embedded PostgreSQL in %s let any local user in (trust); giving it a password",
+                        self.data_dir)
+            password = secrets.token_urlsafe(32)
+            try:
+                conn = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{self.port}/postgres", connect_timeout=10)
+            except psycopg2.OperationalError as exc:
+                raise EmbeddedDatabaseError(
+                    f"{self.data_dir / PASSWORD_FILE} is missing and the server asks for a password: "
+                    f"set one with ALTER ROLE postgres PASSWORD and write it there ({str(exc).strip()})") from None
+            try:
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute("SET password_encryption = 'scram-sha-256'")
+                    cur.execute("ALTER ROLE postgres PASSWORD %s", (password,))
+            finally:
+                conn.close()
+            self._write_private(self.data_dir / PASSWORD_FILE, password)
+        hba = self.data_dir / "pg_hba.conf"
+        if hba.read_text() != HBA:
+            hba.write_text(HBA)
+            self._pg_ctl("reload")
 
     def _pg_ctl(self, *args: str) -> None:
         self._run(str(self._bin / "pg_ctl"), "-D", str(self.data_dir), *args)

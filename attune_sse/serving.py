@@ -85,7 +85,8 @@ def on_starting(server: Any) -> None:
         _embedded["server"] = embedded
         # Workers read the resolved URL, not 'embedded', through the environment.
         os.environ[_URL_ENV] = url
-        log.info("using the embedded PostgreSQL at %s (data in %s)", url, embedded.data_dir)
+        log.info("using the embedded PostgreSQL on 127.0.0.1:%s (data and password in %s)", embedded.port,
+                 embedded.data_dir)
     if config["database.auto_migrate"]:
         apply_migrations(url)
 

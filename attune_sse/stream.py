@@ -28,7 +28,7 @@ from .auth import current_principal
 from .db import Pool
 from .errors import NotFound, NotReady, TooManyRequests
 from .event import ExecutionEvent, reset_frame
-from .hub import SIGNED_OUT, TOKEN_EXPIRED, Hub
+from .hub import SIGNED_OUT, TOKEN_EXPIRED, Hub, Subscription
 from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,16 @@ def _in_chunks(events: list[ExecutionEvent]) -> Iterator[tuple[bytes, int]]:
         yield _joined(events[start:]), events[-1].event_id
 
 
+def _keepalive(sub: Subscription, position: int | None) -> bytes:
+    """The keep-alive of a quiet stream. One that is not sent every event (its identity may
+    not read them all) also carries the position: everything up to it that it may read was
+    sent (nothing is pending), so the client's Last-Event-ID moves past what it was not
+    sent, and a reconnect does not read those events from the record again."""
+    if position is None or (sub.scope.everything and sub.execution_id is None) or position <= sub.skip_through:
+        return sse.KEEPALIVE
+    return b"id: %d\n%s" % (position, sse.KEEPALIVE)
+
+
 def _joined(events: list[ExecutionEvent]) -> bytes:
     return events[0].frame if len(events) == 1 else b"".join(event.frame for event in events)
 
@@ -283,7 +293,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                 break
             if not batch:
                 if not raw:
-                    yield sse.KEEPALIVE
+                    yield _keepalive(sub, hub.position)
                 continue
             # What piled up while the client was busy leaves in one write.
             yield _joined(batch)

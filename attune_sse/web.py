@@ -47,6 +47,7 @@ class AppState:
             greenlet.kill(block=False)
         self.pool.close()
         self.backlog_pool.close()
+        self.access.watch_pool.close()
         return open_streams
 
 

@@ -42,7 +42,7 @@ def small_server(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Any
     """One worker (so every request meets the same event loop), tight limits, metrics closed."""
     config = server_config(database, server={
         "workers": 1, "max_streams_per_identity": 3, "body_timeout_seconds": 8, "body_min_rate_bytes": 1024,
-        "metrics_allow": [],
+        "metrics_allow": [], "proxy_hops": 1,
     }, security={"metrics_token": SCRAPE_TOKEN})
     srv = ServerProcess(config, tmp_path_factory.mktemp("small")).start()
     try:
@@ -115,6 +115,18 @@ def test_concurrent_guesses_are_counted_before_any_is_checked(server: Any) -> No
             server.base_url + "/auth/login", json={"login": login, "password": "wrong-guess"}, timeout=60,
         ).status_code, range(30)))
     assert codes.count(401) <= 5 and codes.count(401) + codes.count(429) == 30, codes
+
+
+def test_behind_a_proxy_the_login_limit_keys_on_the_forwarded_address(small_server: Any) -> None:
+    login = register(small_server.base_url)["login"]
+    url = small_server.base_url + "/auth/login"
+
+    def attempt(client: str, password: str = "wrong") -> int:
+        return requests.post(url, json={"login": login, "password": password}, timeout=30,
+                             headers={"X-Forwarded-For": client}).status_code
+
+    assert [attempt("203.0.113.7") for _ in range(6)] == [401] * 5 + [429]
+    assert attempt("198.51.100.2", PASSWORD) == 200, "another client of the same proxy is not locked out"
 
 
 def test_logins_do_not_stall_the_streams_of_their_worker(small_server: Any, database: Any,
@@ -207,8 +219,10 @@ def _slow_body(port: int, length: int, chunk: bytes, every: float, results: list
 def test_slow_bodies_are_cut(small_server: Any) -> None:
     results: list[Any] = []
     deadline = time.monotonic() + 25
-    threads = [threading.Thread(target=_slow_body, args=(small_server.port, 1000, b" ", 2.5, results, deadline))
-               for _ in range(50)]
+    # Small bodies and large ones (the rate is checked in steps of 4 KiB, not once per 64 KiB).
+    threads = [threading.Thread(target=_slow_body, args=(small_server.port, 1000 if n % 10 else 100_000, b" ",
+                                                         2.5, results, deadline))
+               for n in range(50)]
     # Fast enough by rate (4 KiB/s) but longer in all than body_timeout_seconds (8 s).
     threads.append(threading.Thread(target=_slow_body,
                                     args=(small_server.port, 64 * 1024, b" " * 1024, 0.25, results, deadline)))
@@ -281,8 +295,15 @@ def test_the_embedded_database_asks_for_its_password(tmp_path: Path) -> None:
         password_file.unlink()
         server.start()
         assert password_file.exists() and stat.S_IMODE(password_file.stat().st_mode) == 0o600
-        with pytest.raises(psycopg2.OperationalError, match="password"):
-            psycopg2.connect(f"postgresql://postgres@127.0.0.1:{server.port}/postgres", connect_timeout=5)
+
+        def refused_without_password() -> bool:
+            try:
+                psycopg2.connect(f"postgresql://postgres@127.0.0.1:{server.port}/postgres", connect_timeout=5).close()
+            except psycopg2.OperationalError as exc:
+                return "password" in str(exc)
+            return False
+
+        wait_until(refused_without_password, 5, "the reloaded pg_hba.conf to ask for the password")
         psycopg2.connect(server.url(), connect_timeout=5).close()
     finally:
         server.stop("immediate")

@@ -19,7 +19,7 @@ import requests
 from click.testing import CliRunner
 
 from attune_sse.cli import main
-from helpers import Api, Stream, grant, make_pack, new_execution, pack_grants, touch, wait_until
+from helpers import Api, RawStream, Stream, grant, make_pack, new_execution, pack_grants, touch, wait_until
 
 REVOCATION_SECONDS = 2.0
 PASSWORD = "correct horse battery"
@@ -299,3 +299,21 @@ def test_default_grants_apply_only_without_an_assignment(teams: dict[str, Any], 
     wait_until(lambda: all(erin["api"].get(f"/api/v1/executions/{b_id}").status_code == 404 for _ in range(4)),
                REVOCATION_SECONDS, "an assignment replaces the defaults")
     assert erin["api"].get("/api/v1/executions").json()["meta"]["total"] == 0
+
+
+def test_a_quiet_constrained_stream_moves_past_what_it_was_not_sent(teams: dict[str, Any], database: Any,
+                                                                      server: Any) -> None:
+    """Its keep-alives carry the position, so a reconnect does not read others' events again."""
+    alice = teams["alice"]
+    b_id = new_execution(database, teams["b"])
+    stream = RawStream(server.base_url, {"token": alice["access_token"]})
+    for status in ("scheduled", "running", "completed"):
+        touch(database, b_id, status)
+    ((newest,),) = database.query("SELECT max(id) FROM attune.execution_event WHERE execution = %s", (b_id,))
+
+    def moved_past() -> bool:
+        stream.read_until_closed(0.2)
+        return any(n >= newest for n in stream.event_ids()) and b'"entity_id"' not in stream.body()[0]
+
+    wait_until(moved_past, 5, "a keep-alive with an id at or after Bob's last event")
+    assert f'"entity_id": {b_id}'.encode() not in stream.body()[0]
