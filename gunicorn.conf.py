@@ -25,6 +25,10 @@ except AttuneError as exc:
 
 wsgi_app = "attune_sse.app:create_app()"
 bind = [f"{_config['server.host']}:{_config['server.port']}"]
+if _config["server.certfile"]:
+    # HTTPS: streams then go through gunicorn's TLS socket only (no direct writes, stream.py).
+    certfile = _config["server.certfile"]
+    keyfile = _config["server.keyfile"] or None
 workers = _config["server.workers"]
 worker_class = "gevent"
 # Streams are long-lived connections: 10,000 per worker by default (on_starting lifts

@@ -41,7 +41,7 @@ def _then_close(payload: bytes, sock: socket.socket | None) -> Iterator[bytes]:
     yield payload
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RD)
+            socket.socket.shutdown(sock, socket.SHUT_RD)  # not SSLSocket's (stream.py says why)
 
 
 class BodyDeadline:

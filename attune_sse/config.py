@@ -77,6 +77,20 @@ def _grants(value: Any) -> list[dict[str, Any]]:
     return parse_grants(value)
 
 
+def _optional_path(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    if not isinstance(value, str) or not Path(value).is_file():
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
 def _networks(value: Any) -> list[str]:
     for item in _string_list(value):
         try:
@@ -137,6 +151,9 @@ SETTINGS: tuple[Setting, ...] = (
             "after its first 5 s a request body must arrive at this many bytes/s on average, or 408 (0: off)"),
     Setting("server.max_streams_per_identity", 50, _number(1, 1_000_000, integer=True),
             "streams one identity may hold open on one worker; more get 429"),
+    Setting("server.certfile", "", _optional_path,
+            "PEM certificate (chain) to serve HTTPS with; empty: plain HTTP"),
+    Setting("server.keyfile", "", _optional_path, "PEM private key of server.certfile"),
     Setting("server.proxy_hops", 0, _number(0, 10, integer=True),
             "reverse proxies in front that set X-Forwarded-For: the client's address is read from it "
             "(0: the TCP peer's address)"),
@@ -163,7 +180,7 @@ SETTINGS: tuple[Setting, ...] = (
             "grants of identities with no permission set assigned (a list of grant objects; none by default)"),
     Setting("security.access_refresh_seconds", 0.5, _number(0.05, 60),
             "how often each worker checks for changed access (freezes, deletions, grants)"),
-    Setting("security.metrics_token", "", lambda v: v if isinstance(v, str) else _string(v),
+    Setting("security.metrics_token", "", _secret,
             "bearer token that may read /metrics and the detailed /readyz from any address (empty: none)"),
     Setting("events.retention_seconds", 7 * 24 * 3600, _number(0, integer=True),
             "age after which recorded events are pruned (0: never by age)"),

@@ -175,7 +175,15 @@ def _give_large_blocks_back() -> None:
 
 def post_worker_init(worker: Any) -> None:
     """Worker, app loaded: end every stream as soon as the worker is told to stop."""
+    import ssl
+
     import gevent
+
+    if worker.cfg.is_ssl:
+        # A client that fails the TLS handshake (plain HTTP sent to the HTTPS port, say) is the
+        # client's error: gevent would print a traceback for each; it only closes the socket now.
+        hub = gevent.get_hub()
+        hub.NOT_ERROR = (*hub.NOT_ERROR, ssl.SSLError)
 
     app_state = worker.wsgi.extensions["attune_sse"]
 

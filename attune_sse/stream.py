@@ -79,7 +79,10 @@ def execution_stream() -> Any:
         confirm=functools.partial(app_state.access.recheck, principal.id),
         backlog=functools.partial(read_backlog, app_state.backlog_pool, execution_id),
         connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
-                              chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"),
+                              # Direct writes need plain HTTP/1.1 chunks on a plain socket: over TLS,
+                              # bytes written to the socket's descriptor would bypass the encryption.
+                              chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+                              and request.environ.get("wsgi.url_scheme") != "https"),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     # direct_passthrough: gunicorn iterates the generator itself, without werkzeug's
@@ -123,7 +126,9 @@ class Connection:
     def _shutdown(self, how: int) -> None:
         if self.sock is not None:
             with contextlib.suppress(OSError):  # the client is gone already
-                self.sock.shutdown(how)
+                # The plain socket's shutdown, also under TLS: ssl.SSLSocket.shutdown would drop
+                # its TLS state, and gunicorn's next write would go out unencrypted.
+                socket.socket.shutdown(self.sock, how)
 
 
 def _last_event_id() -> int | None:

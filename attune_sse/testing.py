@@ -50,7 +50,8 @@ class ServerProcess:
         self.config.setdefault("server", {}).update(host="127.0.0.1", port=self.port)
         self.workers = self.config["server"].get("workers", 2)
         self.database_url = self.config["database"]["url"]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config["server"].get("certfile") else "http"
+        self.base_url = f"{scheme}://127.0.0.1:{self.port}"
         self.config_path = work_dir / f"config-{self.port}.yaml"
         self.log_path = work_dir / f"gunicorn-{self.port}.log"
         self.process: subprocess.Popen | None = None

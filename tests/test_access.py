@@ -164,9 +164,11 @@ def test_freeze_cuts_rest_streams_and_refresh_within_2s_and_unfreeze_restores(
     for stream in streams:
         event = stream.next_event(timeout=REVOCATION_SECONDS + 1)
         assert event.event == "signed_out", event
+    streams_cut = time.monotonic() - frozen_at
     wait_until(lambda: alice["api"].get("/api/v1/executions").status_code == 401
                and alice["api"].get("/api/v1/executions").status_code == 401, REVOCATION_SECONDS, "REST refused")
     cut = time.monotonic() - frozen_at
+    print(f"freeze: every stream signed out after {streams_cut * 1000:.0f} ms, REST refused after {cut * 1000:.0f} ms")
     assert cut < REVOCATION_SECONDS, cut
     refused = alice["api"].get("/api/v1/executions")
     assert refused.json()["code"] == "IDENTITY_FROZEN"
@@ -197,13 +199,14 @@ def test_deleted_identity_is_refused_everywhere_within_2s(teams: dict[str, Any],
         # Events of his executions may still arrive before the cut; then the stream ends signed out.
         while stream.next_event(timeout=REVOCATION_SECONDS + 1).event != "signed_out":
             pass
-    assert time.monotonic() - deleted_at < REVOCATION_SECONDS + 0.5
+    assert time.monotonic() - deleted_at < REVOCATION_SECONDS
     touch(database, b_id)
     for stream in streams:
         assert stream.ended(timeout=2.0)
     wait_until(lambda: all(bob["api"].get("/api/v1/executions").status_code == 401 for _ in range(4)),
                REVOCATION_SECONDS, "REST refused")
-    assert time.monotonic() - deleted_at < REVOCATION_SECONDS + 0.5
+    print(f"delete: streams ended and REST refused within {(time.monotonic() - deleted_at) * 1000:.0f} ms")
+    assert time.monotonic() - deleted_at < REVOCATION_SECONDS
     assert bob["api"].get("/auth/me").json()["code"] == "IDENTITY_DELETED"
     refreshed = requests.post(server.base_url + "/auth/refresh", timeout=10,
                               headers={"Authorization": f"Bearer {bob['refresh_token']}"})
