@@ -16,7 +16,8 @@ from .access import ADMIN_SET, ALL_GRANTS
 from .config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
 from .errors import AttuneError
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+# gunicorn's settings, as a module of this package: an installed wheel serves without a checkout.
+GUNICORN_CONF = "python:attune_sse.gunicorn_conf"
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar=CONFIG_ENV,
@@ -88,9 +89,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         check_production(load_config(environ=env))  # fail here, in one line, rather than inside gunicorn
     except AttuneError as exc:
         raise click.ClickException(str(exc)) from None
-    if not GUNICORN_CONF.exists():
-        raise click.ClickException(f"{GUNICORN_CONF} is missing; install attune-sse from a checkout (pip install -e .)")
-    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)]
+    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF]
     os.execve(sys.executable, argv, env)
 
 

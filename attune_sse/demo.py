@@ -17,22 +17,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import psycopg2.extras
-import requests
 from werkzeug.security import generate_password_hash
 
 from . import store
 from .access import ALL_GRANTS
+from .cli import GUNICORN_CONF
 from .config import ENV_PREFIX, load_config
 from .db import database
 from .errors import AttuneError
 from .migrate import apply_migrations
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
 ACTIONS = ["demo.deploy", "demo.backup", "demo.health_check", "demo.rotate_logs", "demo.send_report"]
 LOGIN, PASSWORD = "demo", "demo-password"
 
@@ -78,7 +78,7 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
         apply_migrations(url)
         seed(url)
         env = {**os.environ, "ATTUNE_CONFIG": str(config_path), ENV_PREFIX + "DATABASE__URL": url}
-        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)], env=env)
+        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF], env=env)
         try:
             wait_ready(f"http://127.0.0.1:{port}", server)
             say(f"open http://127.0.0.1:{port}/ and log in as {LOGIN} / {PASSWORD}; Ctrl-C stops the demo")
@@ -102,10 +102,11 @@ def wait_ready(base_url: str, server: subprocess.Popen, timeout: float = 60) -> 
     while True:
         if server.poll() is not None:
             raise AttuneError(f"the server exited with {server.returncode}; see the lines above")
-        try:
-            if requests.get(base_url + "/readyz", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
+        try:  # the standard library: requests is for the tests and scripts, not a dependency of the service
+            with urllib.request.urlopen(base_url + "/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, or an HTTPError (503) while the workers start
             pass
         if time.monotonic() > deadline:
             raise AttuneError(f"the server was not ready within {timeout:.0f}s")

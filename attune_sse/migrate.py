@@ -18,7 +18,7 @@ from .errors import MigrationError
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"  # package data (the checkout's sql/ links here)
 # Any constant works; this one spells "attune" in ASCII.
 LOCK_KEY = 0x61747475_6E65
 
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS public.attune_migration (
 def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
     """The migration files, in the order they apply."""
     if not sql_dir.is_dir():
-        raise MigrationError(str(sql_dir), "the sql/ folder is missing; run from a checkout of attune-sse")
+        raise MigrationError(str(sql_dir), "the migrations folder is missing; reinstall attune-sse")
     return sorted(sql_dir.glob("*.sql"))
 
 

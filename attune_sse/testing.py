@@ -24,7 +24,7 @@ from .embedded import free_port
 from .listener import APPLICATION_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+GUNICORN_CONF = "python:attune_sse.gunicorn_conf"
 
 
 def listener_pids(database_url: str) -> set[int]:
@@ -62,7 +62,7 @@ class ServerProcess:
         env["ATTUNE_CONFIG"] = str(self.config_path)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF)],
+                [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF],
                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
             )
         try:

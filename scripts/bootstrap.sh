@@ -12,8 +12,13 @@ fi
 stamp=.venv/.attune-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     echo "bootstrap: installing attune-sse and its dependencies into .venv"
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[test,style,bench]'
+    # pip's and setuptools' notices go to a log, shown only if the install fails.
+    if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
+           && .venv/bin/python -m pip install --quiet -e '.[test,style,bench]'; } > .venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        echo "bootstrap: installing failed (the lines above; also in .venv/install.log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 # The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).

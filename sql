@@ -1,0 +1,1 @@
+attune_sse/sql
