@@ -4,7 +4,11 @@ The server binaries come from the pip package ``pgserver``; this module only
 runs them (initdb, pg_ctl) so that it owns the life cycle: start, stop and
 restart on a fixed TCP port of 127.0.0.1, which the fault tests need.
 PostgreSQL refuses to run as root, so under root the server runs as the
-system user ``attune-pg`` (created on first use).
+system user ``attune-pg`` (created on first use). No permission of the user's
+folders is changed for it: binaries it cannot reach (a venv under a private
+folder, such as tox's ``.tox``) are copied once to ``/var/lib/attune-pg``, and a
+data folder it cannot reach is kept there too, with ``data_dir`` a link to it
+(``destroy()`` removes both).
 
 Only the service gets in: the superuser has a random password, kept in
 ``<data_dir>/attune-password`` (mode 0600, in the 0700 data folder), and the
@@ -15,6 +19,8 @@ password on its next start.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import logging
 import os
@@ -33,6 +39,7 @@ from .errors import EmbeddedDatabaseError
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "attune-pg"
+SYSTEM_HOME = Path("/var/lib/attune-pg")  # under root: what the server's user must reach and cannot elsewhere
 PASSWORD_FILE = "attune-password"
 HBA = """# attune-sse embedded server: every connection needs the superuser's password
 local all all scram-sha-256
@@ -53,6 +60,29 @@ def _bin_dir() -> Path:
     if not (path / "postgres").exists():
         raise EmbeddedDatabaseError(f"pgserver has no PostgreSQL binaries under {path}")
     return path
+
+
+def _reachable(path: Path) -> bool:
+    """Whether another user can walk down to ``path``: every folder above it lets others through
+    (folders yet to be made are made so, with the usual umask)."""
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents if parent.exists())
+
+
+def _shared_binaries(pginstall: Path) -> Path:
+    """pgserver's PostgreSQL, copied once to a folder the server's user can reach; its bin/."""
+    source = pginstall / "bin" / "postgres"
+    digest = hashlib.sha256(f"{pginstall}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    target = SYSTEM_HOME / f"pginstall-{digest}"
+    if not (target / "bin" / "postgres").exists():
+        SYSTEM_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
+        log.info("copying PostgreSQL's binaries to %s, where %s can run them", target, SYSTEM_USER)
+        staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=SYSTEM_HOME))
+        shutil.copytree(pginstall, staging / "tree", symlinks=True)
+        (staging / "tree").chmod(0o755)
+        with contextlib.suppress(OSError):  # atomic: a concurrent copy may have won, which is as good
+            (staging / "tree").rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target / "bin"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,7 +107,8 @@ class EmbeddedPostgres:
     """One PostgreSQL cluster in ``data_dir``, reachable on 127.0.0.1:``port``."""
 
     def __init__(self, data_dir: str | os.PathLike[str], *, settings: dict[str, str] | None = None) -> None:
-        self.data_dir = Path(data_dir).resolve()
+        given = Path(data_dir).absolute()
+        self.data_dir = given.parent.resolve() / given.name  # a link to the cluster stays a link
         self.settings = {
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": "''",
@@ -87,10 +118,14 @@ class EmbeddedPostgres:
         self.port: int | None = None
         self._bin = _bin_dir()
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
+        if self._user is not None and not _reachable(self._bin / "initdb"):
+            self._bin = _shared_binaries(self._bin.parent)
+        # The folder the server runs on: data_dir, or where data_dir links to (_prepare_dirs).
+        self.cluster_dir = self.data_dir
 
     @property
     def log_file(self) -> Path:
-        return self.data_dir / "server.log"
+        return self.cluster_dir / "server.log"  # pg_ctl opens it as the server's user
 
     def url(self, dbname: str = "postgres") -> str:
         if self.port is None:
@@ -155,19 +190,37 @@ class EmbeddedPostgres:
 
     # -- internals ---------------------------------------------------------
 
+    def destroy(self) -> None:
+        """Stop the server and delete its data (and the folder data_dir links to)."""
+        self.stop("immediate")
+        if self.data_dir.is_symlink():
+            shutil.rmtree(self.data_dir.resolve(), ignore_errors=True)
+            self.data_dir.unlink()
+        else:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
     def _prepare_dirs(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._user is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
             return
         entry = self._system_user()
-        if self.data_dir.stat().st_uid != entry.pw_uid:
-            shutil.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        self.data_dir.chmod(0o700)
-        # The server's user must be able to walk down to its data folder.
-        for parent in self.data_dir.parents:
-            mode = parent.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                parent.chmod(mode | stat.S_IXOTH)
+        if self.data_dir.is_symlink() or (not self.data_dir.exists() and not _reachable(self.data_dir)):
+            # The server's user cannot walk down to data_dir: its data lives where it can.
+            name = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+            clusters = SYSTEM_HOME / "clusters"
+            clusters.mkdir(mode=0o711, parents=True, exist_ok=True)
+            self.cluster_dir = clusters / name
+            self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            if not self.data_dir.is_symlink():
+                self.data_dir.symlink_to(self.cluster_dir, target_is_directory=True)
+        elif not _reachable(self.data_dir):
+            raise EmbeddedDatabaseError(
+                f"{self.data_dir} is in a folder the server's user {SYSTEM_USER} cannot reach; move it "
+                f"(or delete it: a new one is kept under {SYSTEM_HOME})")
+        self.cluster_dir.mkdir(parents=True, exist_ok=True)
+        if self.cluster_dir.stat().st_uid != entry.pw_uid:
+            shutil.chown(self.cluster_dir, entry.pw_uid, entry.pw_gid)
+        self.cluster_dir.chmod(0o700)
 
     def _system_user(self) -> pwd.struct_passwd:
         try:
@@ -199,13 +252,13 @@ class EmbeddedPostgres:
         log.info("initialising embedded PostgreSQL cluster in %s", self.data_dir)
         password = secrets.token_urlsafe(32)
         # initdb wants an empty folder: the password goes in once it is made.
-        fd, name = tempfile.mkstemp(prefix=f".{self.data_dir.name}-", suffix=".pw", dir=self.data_dir.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{self.cluster_dir.name}-", suffix=".pw", dir=self.cluster_dir.parent)
         os.close(fd)
         pwfile = Path(name)
         self._write_private(pwfile, password)
         try:
             self._run(
-                str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                str(self._bin / "initdb"), "-D", str(self.cluster_dir), "-U", "postgres",
                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-locale",
             )
         finally:
@@ -257,7 +310,7 @@ class EmbeddedPostgres:
             self._pg_ctl("reload")
 
     def _pg_ctl(self, *args: str) -> None:
-        self._run(str(self._bin / "pg_ctl"), "-D", str(self.data_dir), *args)
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.cluster_dir), *args)
 
     def _running_port(self) -> int | None:
         """The port of a live postmaster of this data folder, if there is one."""

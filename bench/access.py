@@ -152,7 +152,7 @@ def main() -> None:
         if server is not None:
             server.stop()
         if embedded is not None:
-            embedded.stop("immediate")
+            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -242,7 +242,7 @@ def start_stack(workers: int) -> Iterator[tuple[ServerProcess, str, str]]:
     finally:
         server.stop()
         if embedded is not None:
-            embedded.stop("immediate")
+            embedded.destroy()
 
 
 if __name__ == "__main__":

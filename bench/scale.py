@@ -598,7 +598,7 @@ def main() -> None:
         if redis is not None:
             stop_process(redis)
         if embedded is not None:
-            embedded.stop("immediate")
+            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 

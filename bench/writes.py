@@ -371,7 +371,7 @@ def main() -> None:
             db.restore()
             db.conn.close()
         if embedded is not None:
-            embedded.stop("immediate")
+            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -78,7 +78,7 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
     try:
         yield Database(url, server)
     finally:
-        server.stop("immediate")
+        server.destroy()
 
 
 @pytest.fixture

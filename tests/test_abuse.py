@@ -306,7 +306,25 @@ def test_the_embedded_database_asks_for_its_password(tmp_path: Path) -> None:
         wait_until(refused_without_password, 5, "the reloaded pg_hba.conf to ask for the password")
         psycopg2.connect(server.url(), connect_timeout=5).close()
     finally:
-        server.stop("immediate")
+        server.destroy()
+
+
+def test_the_embedded_database_runs_in_a_private_folder_without_opening_it(tmp_path: Path) -> None:
+    """Under root the server runs as another user; no folder of ours is opened up for it."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    modes = {p: p.stat().st_mode for p in (private, *private.parents)}
+    server = EmbeddedPostgres(private / "pg")
+    try:
+        server.start()
+        psycopg2.connect(server.url(), connect_timeout=5).close()
+        server.stop()
+        again = EmbeddedPostgres(private / "pg").start()  # found again, data and password kept
+        psycopg2.connect(again.url(), connect_timeout=5).close()
+        assert {p: p.stat().st_mode for p in modes} == modes
+    finally:
+        server.destroy()
+    assert not (private / "pg").exists() and not server.cluster_dir.exists()
 
 
 def test_metrics_and_readiness_details_need_an_allowed_address_or_the_token(small_server: Any) -> None:

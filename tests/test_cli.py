@@ -15,7 +15,7 @@ import requests
 from click.testing import CliRunner
 
 from attune_sse.cli import main
-from attune_sse.embedded import free_port
+from attune_sse.embedded import EmbeddedPostgres, free_port
 from helpers import Stream, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,5 +125,6 @@ def test_demo_serves_moving_executions(tmp_path: Path) -> None:
     finally:
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=30)
+        EmbeddedPostgres(tmp_path / "pgdata").destroy()  # its data may live outside tmp_path (embedded.py)
     assert demo.returncode == 0, output
     assert "log in as demo / demo-password" in output and "stopping" in output
