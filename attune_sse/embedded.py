@@ -69,20 +69,30 @@ def _reachable(path: Path) -> bool:
 
 
 def _shared_binaries(pginstall: Path) -> Path:
-    """pgserver's PostgreSQL, copied once to a folder the server's user can reach; its bin/."""
+    """pgserver's PostgreSQL, copied once to a folder the server's user can reach; its bin/.
+
+    The binaries find their libraries relative to themselves (``$ORIGIN/../../../pgserver.libs``),
+    so the package and its ``pgserver.libs`` are copied side by side, as in site-packages."""
+    package = pginstall.parent
     source = pginstall / "bin" / "postgres"
     digest = hashlib.sha256(f"{pginstall}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:12]
-    target = SYSTEM_HOME / f"pginstall-{digest}"
-    if not (target / "bin" / "postgres").exists():
+    target = SYSTEM_HOME / f"pgserver-{digest}"
+    if not (target / package.name / pginstall.name / "bin" / "postgres").exists():
         SYSTEM_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
         log.info("copying PostgreSQL's binaries to %s, where %s can run them", target, SYSTEM_USER)
-        staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=SYSTEM_HOME))
-        shutil.copytree(pginstall, staging / "tree", symlinks=True)
-        (staging / "tree").chmod(0o755)
+        staging = Path(tempfile.mkdtemp(prefix=".pgserver-", dir=SYSTEM_HOME))
+        tree = staging / "tree"
+        tree.mkdir()
+        shutil.copytree(pginstall, tree / package.name / pginstall.name, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, tree / libs.name, symlinks=True)
+        for folder in (tree, tree / package.name):
+            folder.chmod(0o755)
         with contextlib.suppress(OSError):  # atomic: a concurrent copy may have won, which is as good
-            (staging / "tree").rename(target)
+            tree.rename(target)
         shutil.rmtree(staging, ignore_errors=True)
-    return target / "bin"
+    return target / package.name / pginstall.name / "bin"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -121,7 +131,7 @@ class EmbeddedPostgres:
         if self._user is not None and not _reachable(self._bin / "initdb"):
             self._bin = _shared_binaries(self._bin.parent)
         # The folder the server runs on: data_dir, or where data_dir links to (_prepare_dirs).
-        self.cluster_dir = self.data_dir
+        self.cluster_dir = self.data_dir.resolve() if self.data_dir.is_symlink() else self.data_dir
 
     @property
     def log_file(self) -> Path:
