@@ -19,7 +19,7 @@ from . import api, auth, openapi, stream
 from .access import AccessControl
 from .bodies import BodyDeadline
 from .config import Config, check_production, load_config, log_level
-from .db import Pool, resolve_url
+from .db import Pool, require_cooperative, service_url
 from .errors import Forbidden, NotReady
 from .hub import Hub
 from .listener import Listener
@@ -62,7 +62,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.json = JSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = config["server.max_body_bytes"]
 
-    url = resolve_url(config)
+    require_cooperative()
+    url = service_url(config)
     hub = Hub(max_pending=config["server.sse_queue_size"])
     listener = Listener(
         url,

@@ -7,18 +7,18 @@ Under gunicorn's gevent worker, psycopg2 is made cooperative by psycogreen
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import gevent.lock
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
 from .config import Config
-from .errors import NotReady
+from .errors import AttuneError, NotReady
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,25 @@ def connect(url: str, *, application_name: str = "attune-sse", autocommit: bool 
     return conn
 
 
-def resolve_url(config: Config) -> str:
-    """The real URL of the database; for ``embedded``, start the embedded server first."""
-    return start_database(config)[0]
+def require_cooperative() -> None:
+    """Under gevent, psycopg2 must wait through gevent (psycogreen): else one query blocks every
+    greenlet of the worker, streams and listener included. AttuneError, in one line, if it does not."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("socket") and psycopg2.extensions.get_wait_callback() is None:
+        raise AttuneError("psycopg2 is not cooperative under gevent: call attune_sse.db.make_psycopg2_green() "
+                          "after forking and before create_app() (gunicorn_conf's post_fork does)")
+
+
+def service_url(config: Config) -> str:
+    """The database URL the app uses. It never starts a database itself: with ``embedded``, the
+    process that starts the service (attune-sse serve, gunicorn with attune_sse.gunicorn_conf) has
+    started it and put its URL in ATTUNE__DATABASE__URL."""
+    url = config["database.url"]
+    if url == "embedded":
+        raise AttuneError("database.url is 'embedded', but no embedded server was started for this app: run it "
+                          "with attune-sse serve (or gunicorn -c python:attune_sse.gunicorn_conf), which starts it")
+    return url
 
 
 def start_database(config: Config) -> tuple[str, Any]:
@@ -96,7 +112,7 @@ class Pool:
         self.size = size
         self.acquire_timeout = acquire_timeout
         self._idle: list[Any] = []
-        self._slots = threading.BoundedSemaphore(size)
+        self._slots = gevent.lock.BoundedSemaphore(size)  # waiters wait as greenlets, in turn
         self._retired: set[int] = set()  # id() of lent connections to close when they come back
 
     @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import subprocess
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -16,7 +18,7 @@ import requests
 
 from attune_sse.app import create_app
 from attune_sse.config import load_config
-from attune_sse.errors import ConfigError
+from attune_sse.errors import AttuneError, ConfigError
 from conftest import JWT_SECRET, make_token
 from helpers import RawStream, wait_until
 
@@ -137,3 +139,21 @@ def test_security_headers_on_the_ui(server: Any) -> None:
     assert response.headers["Referrer-Policy"] == "no-referrer"
     script = requests.get(server.base_url + "/static/app.js", timeout=5)
     assert script.status_code == 200 and "EventSource" in script.text
+
+
+def test_create_app_states_its_preconditions(tmp_path: Any) -> None:
+    """It never starts a database itself, and refuses a psycopg2 that would block a gevent worker."""
+    path = tmp_path / "embedded.yaml"
+    path.write_text(json.dumps({"environment": "test", "database": {"url": "embedded"},
+                                "security": {"jwt_secret": "s"}}))
+    with pytest.raises(AttuneError, match="no embedded server was started for this app"):
+        create_app(load_config(path, environ={}), start_listener=False)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"environment": "test", "database": {"url": "postgresql://x@127.0.0.1/x"},
+                                  "security": {"jwt_secret": "s"}}))
+    script = ("from gevent import monkey; monkey.patch_all()\n"
+              "from attune_sse.app import create_app\n"
+              f"create_app({str(config)!r}, start_listener=False)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "psycopg2 is not cooperative under gevent" in done.stderr.strip().splitlines()[-1]
