@@ -75,7 +75,8 @@ def _shared_binaries(pginstall: Path) -> Path:
     so the package and its ``pgserver.libs`` are copied side by side, as in site-packages."""
     package = pginstall.parent
     source = pginstall / "bin" / "postgres"
-    digest = hashlib.sha256(f"{pginstall}:{source.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    # Named by the server binary's content: every venv with the same pgserver shares one copy.
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     target = SYSTEM_HOME / f"pgserver-{digest}"
     if not (target / package.name / pginstall.name / "bin" / "postgres").exists():
         SYSTEM_HOME.mkdir(mode=0o755, parents=True, exist_ok=True)
