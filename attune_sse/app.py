@@ -128,7 +128,8 @@ def metrics_view() -> Any:
     if not may_see_internals():
         raise Forbidden("Metrics are for the addresses in server.metrics_allow, or with the scrape token "
                         "(security.metrics_token).", code="METRICS_FORBIDDEN")
-    return state().metrics.response()
+    body, content_type = state().metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 def healthz() -> Any:

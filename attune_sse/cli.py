@@ -16,9 +16,6 @@ from .access import ADMIN_SET, ALL_GRANTS
 from .config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
 from .errors import AttuneError
 
-# gunicorn's settings, as a module of this package: an installed wheel serves without a checkout.
-GUNICORN_CONF = "python:attune_sse.gunicorn_conf"
-
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar=CONFIG_ENV,
     help=f"YAML config file (default: ${CONFIG_ENV}).",
@@ -89,8 +86,9 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         check_production(load_config(environ=env))  # fail here, in one line, rather than inside gunicorn
     except AttuneError as exc:
         raise click.ClickException(str(exc)) from None
-    argv = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF]
-    os.execve(sys.executable, argv, env)
+    from .launch import gunicorn_argv
+
+    os.execve(sys.executable, gunicorn_argv(), env)
 
 
 @main.command()

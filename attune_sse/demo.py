@@ -13,11 +13,9 @@ import os
 import random
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +25,9 @@ from werkzeug.security import generate_password_hash
 
 from . import store
 from .access import ALL_GRANTS
-from .cli import GUNICORN_CONF
 from .config import ENV_PREFIX, load_config
 from .db import database
-from .errors import AttuneError
+from .launch import Gunicorn
 from .migrate import apply_migrations
 
 ACTIONS = ["demo.deploy", "demo.backup", "demo.health_check", "demo.rotate_logs", "demo.send_report"]
@@ -78,39 +75,19 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
         apply_migrations(url)
         seed(url)
         env = {**os.environ, "ATTUNE_CONFIG": str(config_path), ENV_PREFIX + "DATABASE__URL": url}
-        server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF], env=env)
+        server = Gunicorn(env)
         try:
-            wait_ready(f"http://127.0.0.1:{port}", server)
+            server.wait_ready(f"http://127.0.0.1:{port}/readyz")
             say(f"open http://127.0.0.1:{port}/ and log in as {LOGIN} / {PASSWORD}; Ctrl-C stops the demo")
             generate(url, rate)
         except KeyboardInterrupt:
             say("stopping")
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            server.stop()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def wait_ready(base_url: str, server: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.poll() is not None:
-            raise AttuneError(f"the server exited with {server.returncode}; see the lines above")
-        try:  # the standard library: requests is for the tests and scripts, not a dependency of the service
-            with urllib.request.urlopen(base_url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # refused, or an HTTPError (503) while the workers start
-            pass
-        if time.monotonic() > deadline:
-            raise AttuneError(f"the server was not ready within {timeout:.0f}s")
-        time.sleep(0.2)
 
 
 def generate(url: str, rate: float) -> None:

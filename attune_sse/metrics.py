@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gevent
-from flask import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 
 from .hub import Hub
@@ -101,14 +100,15 @@ class Metrics:
                 gevent.sleep(SYNC_INTERVAL)
         return gevent.spawn(run)
 
-    def response(self) -> Response:
+    def exposition(self) -> tuple[bytes, str]:
+        """(the Prometheus text of the instance, its content type), summed over the workers."""
         self.sync()
         if multiprocess_mode():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:
             registry = self.registry
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def worker_exited(pid: int) -> None:

@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +18,10 @@ import psycopg2
 import requests
 
 from .embedded import free_port
+from .launch import Gunicorn
 from .listener import APPLICATION_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN_CONF = "python:attune_sse.gunicorn_conf"
 
 
 def listener_pids(database_url: str) -> set[int]:
@@ -61,10 +58,8 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE__")}
         env["ATTUNE_CONFIG"] = str(self.config_path)
         with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF],
-                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            )
+            self.gunicorn = Gunicorn(env, cwd=ROOT, output=log_file)
+        self.process = self.gunicorn.process
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -75,16 +70,11 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def is_ready(self) -> bool:
-        """/readyz answers 200 and /metrics counts a connected listener for every worker of this instance."""
-        if self.process is None or self.process.poll() is not None:
-            code = None if self.process is None else self.process.returncode
-            raise RuntimeError(f"gunicorn exited with {code}:\n{self.log()[-3000:]}")
+    def listeners_connected(self) -> bool:
+        """/metrics counts a connected listener for every worker of this instance."""
+        token = self.config.get("security", {}).get("metrics_token")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            if requests.get(self.base_url + "/readyz", timeout=2).status_code != 200:
-                return False
-            token = self.config.get("security", {}).get("metrics_token")
-            headers = {"Authorization": f"Bearer {token}"} if token else {}
             metrics = requests.get(self.base_url + "/metrics", headers=headers, timeout=2).text
         except requests.ConnectionError:
             return False
@@ -92,21 +82,11 @@ class ServerProcess:
         return match is not None and float(match.group(1)) >= self.workers
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gunicorn not ready within {timeout}s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
+        """/readyz answers 200 and every worker's listener is connected."""
+        self.gunicorn.wait_ready(self.base_url + "/readyz", timeout, ready=self.listeners_connected,
+                                 why=lambda: "\n" + self.log()[-3000:],
+                                 cafile=self.config["server"].get("certfile") or None)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return None if self.process is None else self.gunicorn.stop(timeout)

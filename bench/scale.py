@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from attune_sse.access import ALL_GRANTS  # noqa: E402
 from attune_sse.embedded import EmbeddedPostgres, free_port  # noqa: E402
+from attune_sse.launch import Gunicorn  # noqa: E402
 from attune_sse.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
 
@@ -224,20 +225,18 @@ class System:
     sigterm: Callable[[], float] | None = None
 
 
-def gunicorn(app: str, port: int, env: dict[str, str], work: Path, name: str) -> subprocess.Popen:
-    log_file = open(work / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench" / "baselines" / "gunicorn.conf.py"),
-         "-b", f"127.0.0.1:{port}", app],
-        cwd=ROOT, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT,
-    )
+def gunicorn(app: str, port: int, env: dict[str, str], work: Path, name: str) -> Gunicorn:
+    """A baseline app under gunicorn (attune_sse.launch), once it answers anything at all."""
+    with open(work / f"{name}.log", "ab") as log_file:
+        proc = Gunicorn({**os.environ, **env}, conf=str(ROOT / "bench" / "baselines" / "gunicorn.conf.py"),
+                        extra=("-b", f"127.0.0.1:{port}", app), cwd=ROOT, output=log_file)
     deadline = time.monotonic() + 30
     while True:
         try:
             requests.get(f"http://127.0.0.1:{port}/", timeout=1)
             return proc
         except requests.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start:\n{(work / f'{name}.log').read_text()[-2000:]}") from None
             time.sleep(0.1)
 
@@ -283,7 +282,7 @@ def start_naive(database_url: str, work: Path, postgres_pids: Callable[[], list[
     port = free_port()
     proc = gunicorn("bench.baselines.naive_listen:create_app()", port, {"BENCH_DATABASE_URL": database_url},
                     work, "naive")
-    return System("naive LISTEN", f"http://127.0.0.1:{port}/stream", proc.pid, lambda: stop_process(proc),
+    return System("naive LISTEN", f"http://127.0.0.1:{port}/stream", proc.pid, lambda: proc.stop(),
                   log_path=work / "naive.log", extra_pids=postgres_pids)
 
 
@@ -297,7 +296,7 @@ def start_flask_sse(database_url: str, redis_url: str, redis_pid: int, work: Pat
 
     def stop() -> None:
         stop_process(bridge)
-        stop_process(proc)
+        proc.stop()
 
     return System("Flask-SSE/Redis", f"http://127.0.0.1:{port}/stream", proc.pid, stop,
                   log_path=work / "flask-sse.log", extra_pids=lambda: [redis_pid])
