@@ -8,21 +8,21 @@ the others nothing; it reconnects with Last-Event-ID and misses nothing.
 No Flask and no psycopg2 here.
 
 Direct writes: when a subscriber's writer is idle (waiting, nothing pending)
-and the stream gave its socket (``fd``: an HTTP/1.1 chunked response under
-gunicorn), ``publish`` writes the event's ready-made chunk to that socket
-itself, without waking the writer: one non-blocking ``write`` per client and
-no greenlet switch. Whatever the socket does not take at once (a partial
-write) is left in ``_raw`` for the writer to finish before anything else; an
-event the socket takes none of is queued as usual.
+and its stream gave a sink that takes them (``sink.direct``: sink.py, the
+client's socket under gunicorn), ``publish`` has the sink frame the batch once
+and write it itself, without waking the writer: one non-blocking write per
+client and no greenlet switch. Whatever the sink does not take at once (a
+partial write) is left in ``_raw`` for the writer to finish before anything
+else; a batch the sink takes none of is queued as usual.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import gevent
 import gevent.event
@@ -53,16 +53,16 @@ class Subscription:
     per batch of events rather than once per event.
     """
 
-    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "fd", "identity",
-                 "on_overflow", "reason", "scope", "skip_through")
+    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "identity",
+                 "on_overflow", "reason", "scope", "sink", "skip_through")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None,
-                 fd: int | None = None, identity: int | None = None, scope: Scope = EVERYTHING) -> None:
+                 sink: Sink | None = None, identity: int | None = None, scope: Scope = EVERYTHING) -> None:
         self.execution_id = execution_id
         self.identity = identity  # whose stream it is (None: the tests' anonymous subscribers)
         self.scope = scope  # the executions it may read: events of others are not offered
         self.on_overflow = on_overflow
-        self.fd = fd  # the client's socket, for direct writes of chunks; None: always through the writer
+        self.sink = sink if sink is not None and sink.direct else None  # None: always through the writer
         self.skip_through = 0  # events up to this id were sent already (from the record, on resume)
         self.expires_at: float | None = None  # epoch seconds: the hub closes it then (its token expires)
         self.reason: str | None = None  # why it was closed, once it is
@@ -119,11 +119,10 @@ class Subscription:
         return raw
 
     def _write_direct(self, chunk: bytes) -> bool:
-        """Write ready-made chunks to the idle writer's socket; False if they must be queued instead."""
-        try:
-            written = os.write(self.fd, chunk)
-        except OSError:
-            return False  # full (EAGAIN) or gone: the writer's own write will tell
+        """Have the sink write a framed batch for the idle writer; False if it must be queued instead."""
+        written = self.sink.try_write(chunk)
+        if written < 0:
+            return False  # full or gone: the writer's own write will tell
         if written < len(chunk):
             self._raw = chunk[written:]
             self._wake()
@@ -147,10 +146,16 @@ class Subscription:
             self._wake()
 
 
-def _chunk(events: list[ExecutionEvent]) -> bytes:
-    """The frames of ``events`` as one HTTP/1.1 chunk, in one copy."""
-    size = sum(len(e.frame) for e in events)
-    return b"".join([b"%X\r\n" % size, *(e.frame for e in events), b"\r\n"])
+class Sink(Protocol):
+    """Where the hub may write a batch itself (sink.ClientSocket)."""
+
+    @property
+    def direct(self) -> bool: ...
+
+    @staticmethod
+    def frame(frames: list[bytes]) -> bytes: ...
+
+    def try_write(self, data: bytes) -> int: ...
 
 
 class Hub:
@@ -202,10 +207,10 @@ class Hub:
         return self.position
 
     def subscribe(self, execution_id: int | None = None,
-                  on_overflow: Callable[[], None] | None = None, fd: int | None = None, *,
+                  on_overflow: Callable[[], None] | None = None, sink: Sink | None = None, *,
                   identity: int | None = None, scope: Scope = EVERYTHING) -> Subscription:
         """Register a subscriber; events published from now on that ``scope`` allows reach it."""
-        sub = Subscription(execution_id, on_overflow, fd, identity, scope)
+        sub = Subscription(execution_id, on_overflow, sink, identity, scope)
         if self._closed:
             sub._close("shutdown")
             return sub
@@ -314,15 +319,16 @@ class Hub:
     def _offer_all(self, subs: set[Subscription], events: list[ExecutionEvent]) -> int:
         delivered = direct = 0
         overflowed = []
-        chunk = None  # made once per batch, when a first subscriber can take it directly
+        chunk = None  # framed once per batch, when a first subscriber can take it directly
         for sub in subs:
             mine = sub._unsent(events)
             if not mine:
                 continue
-            idle = sub._waiter is not None and sub.fd is not None and not sub._pending and not sub._raw
+            sink = sub.sink
+            idle = sub._waiter is not None and sink is not None and not sub._pending and not sub._raw
             if idle and mine is events:
-                chunk = chunk or _chunk(events)
-            if idle and sub._write_direct(chunk if mine is events else _chunk(mine)):
+                chunk = chunk or sink.frame([e.frame for e in events])
+            if idle and sub._write_direct(chunk if mine is events else sink.frame([e.frame for e in mine])):
                 direct += len(mine)
             elif len(sub._pending) + len(mine) > self.max_pending:
                 overflowed.append(sub)

@@ -9,13 +9,11 @@ the event record, then the live events, and leaves the hub however it ends.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import random
-import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +27,7 @@ from .db import Pool
 from .errors import NotFound, NotReady, TooManyRequests
 from .event import ExecutionEvent, reset_frame
 from .hub import SIGNED_OUT, TOKEN_EXPIRED, Hub, Subscription
+from .sink import ClientSocket
 from .web import parse_int, positive_int_arg, state
 
 log = logging.getLogger(__name__)
@@ -78,57 +77,12 @@ def execution_stream() -> Any:
         scope=readable,
         confirm=functools.partial(app_state.access.recheck, principal.id),
         backlog=functools.partial(read_backlog, app_state.backlog_pool, execution_id),
-        connection=Connection(request.environ.get("gunicorn.socket"), config["server.sse_send_buffer_bytes"],
-                              # Direct writes need plain HTTP/1.1 chunks on a plain socket: over TLS,
-                              # bytes written to the socket's descriptor would bypass the encryption.
-                              chunked=request.environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
-                              and request.environ.get("wsgi.url_scheme") != "https"),
+        connection=ClientSocket.from_environ(request.environ, config["server.sse_send_buffer_bytes"]),
     )
     headers = {**HEADERS, "X-Attune-Worker": str(os.getpid())}
     # direct_passthrough: gunicorn iterates the generator itself, without werkzeug's
     # encoding and closing wrappers, so a held stream costs less stack and memory.
     return Response(body, mimetype="text/event-stream", headers=headers, direct_passthrough=True)
-
-
-class Connection:
-    """The client's socket (gunicorn puts it in the environ; None elsewhere)."""
-
-    __slots__ = ("fd", "sock")
-
-    def __init__(self, sock: socket.socket | None, send_buffer: int = 0, *, chunked: bool = False) -> None:
-        self.sock = sock
-        # gunicorn frames an HTTP/1.1 stream as chunks: then the hub may write
-        # ready-made chunks to the socket itself (hub.py, "Direct writes").
-        self.fd = sock.fileno() if sock is not None and chunked else None
-        if sock is not None and send_buffer:
-            # A fixed kernel send buffer bounds what a stalled client can hold in the
-            # kernel, and makes it overflow its queue sooner (the kernel doubles the value).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-
-    def drop(self) -> None:
-        """For a client that does not read: its pending write fails at once and gunicorn closes the socket."""
-        self._shutdown(socket.SHUT_RDWR)
-
-    def send_raw(self, data: bytes) -> bool:
-        """Finish a chunk the hub began writing, bypassing gunicorn (it is framed already)."""
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def last_response(self) -> None:
-        """A stream is its connection's last response: once it ends, gunicorn closes the
-        connection instead of holding it open for another request (which would keep a
-        stopping worker waiting for its graceful timeout)."""
-        self._shutdown(socket.SHUT_RD)
-
-    def _shutdown(self, how: int) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):  # the client is gone already
-                # The plain socket's shutdown, also under TLS: ssl.SSLSocket.shutdown would drop
-                # its TLS state, and gunicorn's next write would go out unencrypted.
-                socket.socket.shutdown(self.sock, how)
 
 
 def _last_event_id() -> int | None:
@@ -224,7 +178,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  scope: Scope = EVERYTHING,
                  confirm: Callable[[], dict[int, Principal | None]] | None = None,
                  backlog: Callable[[int, int, Callable[[], Scope]], Iterator[tuple[bytes, int]]] | None = None,
-                 connection: Connection | None = None) -> Iterator[bytes]:
+                 connection: ClientSocket | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
     The stream starts at the hub's position: every event after it is sent, none
@@ -242,10 +196,10 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     it ends with a ``signed_out`` event. ``confirm()`` gives the identity as
     access control knows it once the stream is subscribed (AccessControl.recheck).
     """
-    connection = connection or Connection(None)
+    connection = connection or ClientSocket(None)
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
-    sub = hub.subscribe(execution_id, on_overflow=connection.drop, fd=connection.fd, identity=identity, scope=scope)
+    sub = hub.subscribe(execution_id, on_overflow=connection.drop, sink=connection, identity=identity, scope=scope)
     sub.expires_at = expires_at  # the hub ends it then (checked every second, no timer per stream)
     try:
         if confirm is not None and identity is not None:
@@ -292,7 +246,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         while True:
             batch = sub.next_batch()  # [] on the hub's keep-alive tick, or after a partial direct write
             raw = sub.take_raw()
-            if raw and not connection.send_raw(raw):
+            if raw and not connection.send_rest(raw):
                 return  # the client is gone
             if batch is None:
                 break

@@ -11,6 +11,7 @@ import pytest
 from attune_sse.access import Principal, compile_grants
 from attune_sse.event import ExecutionEvent
 from attune_sse.hub import SIGNED_OUT, Hub
+from attune_sse.sink import ClientSocket
 
 
 def event(event_id: int, entity_id: int = 1) -> ExecutionEvent:
@@ -144,7 +145,7 @@ def socket_pair() -> Any:
 def test_idle_writer_gets_events_written_directly_as_chunks(socket_pair: Any) -> None:
     server_side, client_side = socket_pair
     hub = Hub()
-    sub = hub.subscribe(fd=server_side.fileno())
+    sub = hub.subscribe(sink=ClientSocket(server_side, direct=True))
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
     assert hub.publish_batch([event(1), event(2), event(3)]) == 3
@@ -158,7 +159,7 @@ def test_idle_writer_gets_events_written_directly_as_chunks(socket_pair: Any) ->
 def test_direct_write_skips_what_a_resumed_stream_was_sent(socket_pair: Any) -> None:
     server_side, client_side = socket_pair
     hub = Hub()
-    sub = hub.subscribe(fd=server_side.fileno())
+    sub = hub.subscribe(sink=ClientSocket(server_side, direct=True))
     sub.skip_through = 2  # a resumed stream: 1 and 2 came from the record
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
@@ -171,7 +172,7 @@ def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_p
     server_side, client_side = socket_pair
     server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     hub = Hub()
-    sub = hub.subscribe(fd=server_side.fileno())
+    sub = hub.subscribe(sink=ClientSocket(server_side, direct=True))
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
     big = ExecutionEvent.from_record(1, 1, b'{"event_id": 1, "result": "' + b"x" * 200_000 + b'"}')
