@@ -57,6 +57,11 @@ class ExecutionEvent:
                    action_ref=action_ref)
 
 
+def joined(events: list[ExecutionEvent]) -> bytes:
+    """The frames of ``events`` as one bytes object (a single one is not copied)."""
+    return events[0].frame if len(events) == 1 else b"".join(event.frame for event in events)
+
+
 def reset_frame(reason: str, position: int) -> bytes:
     """``event: reset``: the client's history has a hole (pruned, or the database went back in time);
     it should reload what it shows. Its id is where the stream goes on from."""

@@ -18,12 +18,17 @@ payload that may be megabytes long.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
-from .event import MAX_BIGINT, ExecutionEvent
+from .event import MAX_BIGINT, ExecutionEvent, joined, reset_frame
+
+if TYPE_CHECKING:
+    from .access import Scope
+    from .db import Pool
 
 PAGE_EVENTS = 1000
 PAGE_BYTES = 1 << 20
@@ -189,3 +194,65 @@ def prune(cur: Any, *, max_age_seconds: float | None = None, keep_last: int | No
         (cutoff,),
     )
     return deleted, cur.fetchone()[0]
+
+
+# -- what a resuming stream missed ---------------------------------------------------
+
+def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int,
+                 scope: Callable[[], Scope] | None = None) -> Iterator[tuple[bytes, int]]:
+    """What a client resuming after ``after`` missed, up to ``through``, from the record.
+
+    Yields (frames, the client's position once it has them); the last position
+    is where its live stream goes on from. ``through`` is the hub's position, so
+    every id up to it is resolved and the live events carry on from there. A
+    client behind the retention window, or with an id this database never
+    issued, first gets a ``reset`` event. Pages are bounded in bytes
+    (PAGE_BYTES), and frames leave in chunks of about ``CHUNK_BYTES``: a
+    resume over large results holds about a page. Events of executions the
+    stream's scope (``scope()``, asked again for each page: access may narrow
+    meanwhile) does not allow are left out.
+    """
+    with pool.cursor(dict_rows=False) as cur:
+        issued = newest(cur)
+    if after > issued:
+        yield reset_frame("unknown event id: this server has no event after it", issued), issued
+        return
+    while after < through:
+        with pool.cursor(dict_rows=False) as cur:
+            page = events_after(cur, after, execution_id=execution_id, through=through)
+            # Read after the page: a prune that raced with it shows here.
+            horizon = pruned_to(cur)
+            if page.large:
+                pool.retire(cur.connection)
+        events, full = page.events, page.full
+        del page
+        if horizon > after:
+            yield reset_frame("events you missed were pruned (retention)", horizon), horizon
+            events = [e for e in events if e.event_id > horizon]
+            after = horizon
+        if events:
+            after = events[-1].event_id
+        # Read now, not when the stream opened: a scope narrowed since applies to the rest.
+        if scope is not None:
+            events = scope().filter(events)
+        yield from _in_chunks(events)
+        del events  # one page at a time: this one is not held while the next is read
+        if not full:
+            break
+    # Every id up to `through` is resolved: what the record did not hold, nobody will.
+    yield b"", max(after, through)
+
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _in_chunks(events: list[ExecutionEvent]) -> Iterator[tuple[bytes, int]]:
+    """Frames joined up to about CHUNK_BYTES, with the last id of each; a larger frame goes alone, uncopied."""
+    start, size = 0, 0
+    for i, event in enumerate(events):
+        if i > start and size + len(event.frame) > CHUNK_BYTES:
+            yield joined(events[start:i]), events[i - 1].event_id
+            start, size = i, 0
+        size += len(event.frame)
+    if start < len(events):
+        yield joined(events[start:]), events[-1].event_id
