@@ -18,7 +18,10 @@ from . import store
 from .access import Scope
 from .auth import current_principal
 from .errors import Conflict, Forbidden, NotFound, Unprocessable
-from .web import MAX_BIGINT, invalid, json_body, optional_string, positive_int_arg, required_string, state
+from .event import MAX_BIGINT
+from .http_io import json_body, positive_int_arg
+from .state import state
+from .validation import invalid, optional_string, required_string
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

@@ -21,11 +21,12 @@ from .bodies import BodyDeadline
 from .config import Config, check_production, load_config, log_level
 from .db import Pool, require_cooperative, service_url
 from .errors import Forbidden, NotReady
+from .http_io import check_query_string, register_error_handlers
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
 from .retention import start_pruner
-from .web import EXTENSION, AppState, check_query_string, register_error_handlers, state
+from .state import EXTENSION, AppState, state
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,9 @@ from .access import Principal
 from .config import Config
 from .errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
 from .event import MAX_BIGINT
-from .web import invalid, json_body, optional_string, required_string, state
+from .http_io import json_body
+from .state import state
+from .validation import invalid, optional_string, required_string
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 

@@ -20,10 +20,12 @@ from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from . import store
 from .auth import current_principal
 from .errors import NotFound, NotReady, TooManyRequests
+from .http_io import positive_int_arg
 from .record import read_backlog
 from .session import event_stream
 from .sink import ClientSocket
-from .web import parse_int, positive_int_arg, state
+from .state import state
+from .validation import parse_int
 
 log = logging.getLogger(__name__)
 

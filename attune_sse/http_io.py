@@ -1,0 +1,68 @@
+"""The request side of every view: reading the body and the query string, and every error as JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .errors import ApiError, BadRequest
+from .validation import parse_int, parse_json_object, text_problem
+
+log = logging.getLogger(__name__)
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or a 400 that says what is wrong with it."""
+    if not request.is_json:
+        raise BadRequest("Send a JSON object with 'Content-Type: application/json'.", code="INVALID_JSON")
+    return parse_json_object(request.get_data(cache=True))
+
+
+def positive_int_arg(name: str, default: int | None = None, *, maximum: int | None = None) -> int | None:
+    """A query-string integer >= 1, or 400."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    value = parse_int(raw, f"Query parameter '{name}'")
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"Query parameter '{name}' must be at most {maximum}.", code="VALIDATION_ERROR")
+    return value
+
+
+def check_query_string() -> None:
+    """``before_request``: query values are text PostgreSQL must be able to take."""
+    for name, value in request.args.items(multi=True):
+        problem = text_problem(name) or text_problem(value)
+        if problem:
+            raise BadRequest(f"Query parameter {name[:40]!r} {problem}.", code="VALIDATION_ERROR")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error leaves as ``{"error", "code"}`` JSON; never HTML, never a traceback."""
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Any:
+        return jsonify(exc.to_dict()), exc.status, exc.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Any:
+        code = (exc.name or "error").upper().replace(" ", "_").replace("'", "")
+        message = exc.description or exc.name
+        if exc.code == 404:
+            message = f"No such endpoint: {request.method} {request.path}."
+        elif exc.code == 405:
+            message = f"Method {request.method} is not allowed on {request.path}."
+        response = jsonify({"error": message, "code": code})
+        response.status_code = exc.code or 500
+        if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify({"error": "Internal server error; the server log has the details.",
+                        "code": "INTERNAL_ERROR"}), 500

@@ -1,0 +1,50 @@
+"""What one app (one worker) owns, and how a view reaches it.
+
+Apart from the factory (app.py) so the views can reach it without importing
+the factory that imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gevent
+from flask import current_app
+
+from .access import AccessControl
+from .config import Config
+from .db import Pool
+from .hub import Hub
+from .listener import Listener
+from .metrics import Metrics
+
+EXTENSION = "attune_sse"
+
+
+@dataclass
+class AppState:
+    """Everything one app (one worker) owns; lives in ``app.extensions["attune_sse"]``."""
+
+    config: Config
+    pool: Pool
+    hub: Hub
+    listener: Listener
+    metrics: Metrics
+    access: AccessControl
+    backlog_pool: Pool  # resumes read the record here, so they cannot take REST's connections
+    background: list[gevent.Greenlet] = field(default_factory=list)  # pruner, metrics, keep-alive, access
+
+    def shutdown(self, reason: str = "shutdown") -> int:
+        """End every stream and stop listening; return how many streams were open."""
+        open_streams = self.hub.close(reason)
+        self.listener.stop()
+        for greenlet in self.background:
+            greenlet.kill(block=False)
+        self.pool.close()
+        self.backlog_pool.close()
+        self.access.watch_pool.close()
+        return open_streams
+
+
+def state() -> AppState:
+    return current_app.extensions[EXTENSION]
