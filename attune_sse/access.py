@@ -69,8 +69,12 @@ def parse_grants(value: Any) -> list[dict[str, Any]]:
         allowed = RESOURCES[resource]
         if not isinstance(actions, list) or not actions or any(a not in allowed for a in actions):
             raise ValueError(f"{where}: 'actions' must be a non-empty list of {', '.join(allowed)}")
-        constraints = grant.get("constraints") or {}
-        if not isinstance(constraints, dict) or set(constraints) - set(CONSTRAINTS):
+        constraints = grant.get("constraints")
+        if constraints is not None and not isinstance(constraints, dict):
+            # [] or false would read as "no constraint", which grants everything: refused, not guessed.
+            raise ValueError(f"{where}: 'constraints' must be an object (or left out for no constraint)")
+        constraints = constraints or {}
+        if set(constraints) - set(CONSTRAINTS):
             raise ValueError(f"{where}: 'constraints' may hold only {' and '.join(CONSTRAINTS)}")
         for key, refs in constraints.items():
             if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):

@@ -34,6 +34,10 @@ from .event import ExecutionEvent
 log = logging.getLogger(__name__)
 
 TOKEN_EXPIRED = "token expired"  # the reason of a subscription closed by ``expire``
+# What a stream's writer takes from its queue at once. A batch taken is written whatever
+# happens next; what is left pending is re-filtered (or dropped) when access changes,
+# so after a revocation a slow reader gets at most about this much that it was offered before.
+BATCH_BYTES = 256 * 1024
 SIGNED_OUT = "signed out"  # the reason of a subscription whose identity was frozen or deleted
 
 @dataclass
@@ -82,17 +86,31 @@ class Subscription:
         Without ``timeout`` the wait ends with events, the close, or the hub's
         keep-alive tick (no timer per wait: the stream view waits this way);
         with it, after ``timeout`` seconds at most. Events up to ``skip_through``
-        (sent already, from the record) are left out. Events queued before a
-        close are still returned; the call after them returns None.
+        (sent already, from the record) are left out. A batch holds about
+        ``BATCH_BYTES`` at most: the rest stays pending, where a change of
+        access still reaches it (``Hub.apply_access``). Events queued before a
+        close are still returned (unless the close was a sign-out); the call
+        after them returns None.
         """
         while True:
             if not self._pending and self.reason is None and timeout != 0:
                 self._wait(timeout)
             if not self._pending:
                 return None if self.reason is not None else []
-            batch, self._pending = self._unsent(self._pending), []
+            batch = self._unsent(self._take())
             if batch or timeout is not None:
                 return batch
+
+    def _take(self) -> list[ExecutionEvent]:
+        """The oldest pending events, up to about BATCH_BYTES (one at least)."""
+        pending, size = self._pending, 0
+        for n, event in enumerate(pending, 1):
+            size += len(event.frame)
+            if size >= BATCH_BYTES and n < len(pending):
+                self._pending = pending[n:]
+                return pending[:n]
+        self._pending = []
+        return pending
 
     def _wait(self, timeout: float | None) -> None:
         waiter = self._waiter = Waiter()
@@ -265,11 +283,14 @@ class Hub:
                 continue
             principal = principals[sub.identity]
             if principal is None or principal.frozen:
+                sub._pending.clear()  # queued before the change: no longer owed
                 self.unsubscribe(sub, SIGNED_OUT)
                 ended += 1
                 continue
             scope = principal.scope("executions", "read")
             if scope != sub.scope:
+                if sub._pending:
+                    sub._pending = scope.filter(sub._pending)
                 group = self._group_of(sub)
                 if sub.execution_id is None and group is not None:
                     self._remove(sub, group)

@@ -49,16 +49,18 @@ def execution_stream() -> Any:
     if app_state.hub.closed:
         raise NotReady("This worker is shutting down; reconnect.", code="SHUTTING_DOWN")
     config = app_state.config
-    limit = config["server.max_streams_per_identity"]
-    if app_state.hub.streams_of(principal.id) >= limit:
-        raise TooManyRequests(f"This identity has {limit} streams open on this worker "
-                              "(server.max_streams_per_identity); close one first.", code="TOO_MANY_STREAMS")
     readable = principal.scope("executions", "read")
     if execution_id is not None:
         with app_state.pool.cursor() as cur:
             action_ref = store.action_ref_of(cur, execution_id)
         if action_ref is None or not readable.allows_action(action_ref):
             raise NotFound(f"Execution {execution_id} does not exist.", code="EXECUTION_NOT_FOUND")
+    # Counted after the last wait of this view: from here to the hub's subscribe (the body's first
+    # step, run by gunicorn at once) nothing yields, so concurrent opens cannot all pass the check.
+    limit = config["server.max_streams_per_identity"]
+    if app_state.hub.streams_of(principal.id) >= limit:
+        raise TooManyRequests(f"This identity has {limit} streams open on this worker "
+                              "(server.max_streams_per_identity); close one first.", code="TOO_MANY_STREAMS")
     body = event_stream(
         app_state.hub,
         execution_id,

@@ -189,6 +189,29 @@ def test_streams_per_identity_are_capped(small_server: Any) -> None:
                                     timeout=5).status_code == 200, 5, "a freed place")
 
 
+def test_a_burst_of_opens_cannot_pass_the_stream_cap(small_server: Any, new_execution: Any) -> None:
+    """40 opens of one execution's stream, their last byte sent at once: the cap (3) holds."""
+    token = register(small_server.base_url)["access_token"]
+    execution_id = new_execution()
+    # The worker knows the identity already (no query before the view's own checks).
+    assert requests.get(small_server.base_url + "/auth/me", headers={"Authorization": f"Bearer {token}"},
+                        timeout=5).status_code == 200
+    request = (f"GET /api/v1/executions/stream?token={token}&execution_id={execution_id} HTTP/1.1\r\n"
+               "Host: x\r\n\r").encode()
+    sockets = [socket.create_connection(("127.0.0.1", small_server.port), timeout=10) for _ in range(40)]
+    try:
+        for sock in sockets:
+            sock.sendall(request)
+        time.sleep(0.2)
+        for sock in sockets:
+            sock.sendall(b"\n")
+        statuses = [sock.recv(64).split(b" ")[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert statuses.count(b"200") == 3 and statuses.count(b"429") == 37, statuses
+
+
 def _slow_body(port: int, length: int, chunk: bytes, every: float, results: list[Any], deadline: float) -> None:
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     try:

@@ -8,9 +8,9 @@ from typing import Any
 import gevent
 import pytest
 
-from attune_sse.access import Principal, compile_grants
+from attune_sse.access import Principal, compile_grants, parse_grants
 from attune_sse.event import ExecutionEvent
-from attune_sse.hub import SIGNED_OUT, Hub
+from attune_sse.hub import BATCH_BYTES, SIGNED_OUT, Hub
 from attune_sse.sink import ClientSocket
 
 
@@ -280,3 +280,32 @@ def test_apply_access_ends_and_narrows_streams() -> None:
     assert [e.event_id for e in anonymous.next_batch(0.1)] == [1, 2]
     hub.unsubscribe(narrowed)
     assert hub.identities() == [9] and hub.streams_of(1) == 0
+
+
+def test_a_batch_holds_about_batch_bytes_and_the_rest_stays_pending() -> None:
+    hub = Hub()
+    sub = hub.subscribe()
+    big = [ExecutionEvent.from_record(n, 1, b'"' + b"x" * 100_000 + b'"') for n in range(1, 11)]
+    hub.publish_batch(big)
+    first = sub.next_batch(0)
+    assert 2 <= len(first) <= 3 and sum(len(e.frame) for e in first) <= BATCH_BYTES + 100_100
+    assert sub.pending == 10 - len(first)
+
+
+def test_what_is_queued_when_access_changes_is_refiltered_or_dropped() -> None:
+    hub = Hub()
+    both = principal(1, pack_read("a", "b")).scope("executions", "read")
+    narrowed = hub.subscribe(identity=1, scope=both)
+    frozen = hub.subscribe(identity=2, scope=both)
+    hub.publish_batch([ref_event(1, 1, "a.x"), ref_event(2, 2, "b.x"), ref_event(3, 1, "a.x")])
+    assert narrowed.pending == 3 and frozen.pending == 3  # their writers are slow: nothing taken yet
+    hub.apply_access({1: principal(1, pack_read("a")), 2: principal(2, pack_read("a", "b"), frozen=True)})
+    assert [e.event_id for e in narrowed.next_batch(0)] == [1, 3]
+    assert frozen.next_batch(0) is None and frozen.reason == SIGNED_OUT
+
+
+@pytest.mark.parametrize("constraints", [[], False, "", 0, ["pack_refs"]])
+def test_constraints_that_are_not_an_object_are_refused(constraints: Any) -> None:
+    with pytest.raises(ValueError, match="'constraints' must be an object"):
+        parse_grants([{"resource": "executions", "actions": ["read"], "constraints": constraints}])
+    assert parse_grants([{"resource": "executions", "actions": ["read"], "constraints": None}])
