@@ -254,7 +254,9 @@ def stop_process(proc: subprocess.Popen) -> None:
 def start_attune(database_url: str, work: Path, token_holder: dict) -> System:
     server = ServerProcess({
         "database": {"url": database_url, "pool_size": 5},
-        "server": {"workers": 2, "worker_connections": 12000, "sse_keepalive_seconds": 15},
+        # One identity opens every stream here: its cap (server.max_streams_per_identity) lifted.
+        "server": {"workers": 2, "worker_connections": 12000, "sse_keepalive_seconds": 15,
+                   "max_streams_per_identity": 20000},
         "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
         "log": {"level": "warn"},
     }, work).start()
