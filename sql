@@ -1,1 +1,1 @@
-attune_sse/sql
+attune_sse/storage/sql

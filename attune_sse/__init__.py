@@ -1,9 +1,11 @@
 """attune-sse: the real-time execution stream of Attune.
 
-The pipeline, one module a step:
-database (``db``, ``migrate``, ``sql/``) -> ``listener`` (LISTEN greenlet)
--> ``hub`` (fan-out to bounded queues) -> ``stream`` (the SSE view, framed by
-``sse``) -> the client (a browser's EventSource, or ``sseclient``).
+The pipeline, a module a step: the database (``storage.db``, ``storage.migrate``,
+``storage/sql/``, the record in ``storage.record``) -> ``runtime.listener`` (the
+LISTEN greenlet) -> ``core.hub`` (fan-out, grouped by ``core.grants``) ->
+``http.stream`` (the view) and ``core.session`` (one stream, framed by
+``core.sse``), through ``http.sink`` (the client's socket) -> the client (a
+browser's EventSource, or ``sseclient``).
 """
 
 __version__ = "0.1.0"

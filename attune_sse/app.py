@@ -15,18 +15,18 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import api, auth, openapi, stream
-from .access import AccessControl
-from .bodies import BodyDeadline
-from .config import Config, check_production, load_config, log_level
-from .db import Pool, require_cooperative, service_url
-from .errors import Forbidden, NotReady
-from .http_io import check_query_string, register_error_handlers
-from .hub import Hub
-from .listener import Listener
-from .metrics import Metrics
-from .retention import start_pruner
-from .state import EXTENSION, AppState, state
+from attune_sse.config import Config, check_production, load_config, log_level
+from attune_sse.core.hub import Hub
+from attune_sse.errors import Forbidden, NotReady
+from attune_sse.http import api, auth, openapi, stream
+from attune_sse.http.bodies import BodyDeadline
+from attune_sse.http.io import check_query_string, register_error_handlers
+from attune_sse.http.state import EXTENSION, AppState, state
+from attune_sse.runtime.access import AccessControl
+from attune_sse.runtime.listener import Listener
+from attune_sse.runtime.metrics import Metrics
+from attune_sse.runtime.retention import start_pruner
+from attune_sse.storage.db import Pool, require_cooperative, service_url
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from .errors import ConfigError
+from attune_sse.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _string_list(value: Any) -> list[str]:
 
 
 def _grants(value: Any) -> list[dict[str, Any]]:
-    from .access import parse_grants
+    from attune_sse.core.grants import parse_grants
 
     return parse_grants(value)
 

@@ -17,9 +17,9 @@ from typing import Any
 import psycopg2
 import requests
 
-from .embedded import free_port
-from .launch import Gunicorn
-from .listener import APPLICATION_NAME
+from attune_sse.runtime.listener import APPLICATION_NAME
+from attune_sse.serve.launch import Gunicorn
+from attune_sse.storage.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from scale import SECRET, WARMUP_SECONDS, LoadClients, Updater, log, seed, tree, window  # noqa: E402
 
-from attune_sse.access import ALL_GRANTS  # noqa: E402
-from attune_sse.embedded import EmbeddedPostgres  # noqa: E402
-from attune_sse.migrate import apply_migrations  # noqa: E402
+from attune_sse.runtime.access import ALL_GRANTS  # noqa: E402
+from attune_sse.storage.embedded import EmbeddedPostgres  # noqa: E402
+from attune_sse.storage.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
 
 IDENTITIES = 20

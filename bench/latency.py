@@ -37,9 +37,9 @@ import sseclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from attune_sse.access import ALL_GRANTS
-from attune_sse.embedded import EmbeddedPostgres
-from attune_sse.migrate import apply_migrations
+from attune_sse.core.grants import ALL_GRANTS
+from attune_sse.storage.embedded import EmbeddedPostgres
+from attune_sse.storage.migrate import apply_migrations
 from attune_sse.testing import ServerProcess
 
 SECRET = "benchmark-secret-benchmark-secret-0123456789"

@@ -47,10 +47,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attune_sse.access import ALL_GRANTS  # noqa: E402
-from attune_sse.embedded import EmbeddedPostgres, free_port  # noqa: E402
-from attune_sse.launch import Gunicorn  # noqa: E402
-from attune_sse.migrate import apply_migrations  # noqa: E402
+from attune_sse.core.grants import ALL_GRANTS  # noqa: E402
+from attune_sse.serve.launch import Gunicorn  # noqa: E402
+from attune_sse.storage.embedded import EmbeddedPostgres, free_port  # noqa: E402
+from attune_sse.storage.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
 
 SECRET = "benchmark-secret-benchmark-secret-0123456789"
@@ -226,7 +226,7 @@ class System:
 
 
 def gunicorn(app: str, port: int, env: dict[str, str], work: Path, name: str) -> Gunicorn:
-    """A baseline app under gunicorn (attune_sse.launch), once it answers anything at all."""
+    """A baseline app under gunicorn (attune_sse.serve.launch), once it answers anything at all."""
     with open(work / f"{name}.log", "ab") as log_file:
         proc = Gunicorn({**os.environ, **env}, conf=str(ROOT / "bench" / "baselines" / "gunicorn.conf.py"),
                         extra=("-b", f"127.0.0.1:{port}", app), cwd=ROOT, output=log_file)

@@ -54,8 +54,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attune_sse.embedded import EmbeddedPostgres  # noqa: E402
-from attune_sse.migrate import apply_migrations  # noqa: E402
+from attune_sse.storage.embedded import EmbeddedPostgres  # noqa: E402
+from attune_sse.storage.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
 
 SECRET = "benchmark-secret-benchmark-secret-0123456789"

@@ -17,9 +17,9 @@ import psycopg2
 import pytest
 import requests
 
-from attune_sse.access import ALL_GRANTS
-from attune_sse.embedded import EmbeddedPostgres
-from attune_sse.migrate import apply_migrations
+from attune_sse.core.grants import ALL_GRANTS
+from attune_sse.storage.embedded import EmbeddedPostgres
+from attune_sse.storage.migrate import apply_migrations
 from attune_sse.testing import ServerProcess, listener_pids
 from helpers import OPEN_STREAMS, Api, Stream
 

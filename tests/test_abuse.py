@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 import requests
 
-from attune_sse.embedded import PASSWORD_FILE, EmbeddedPostgres
+from attune_sse.storage.embedded import PASSWORD_FILE, EmbeddedPostgres
 from attune_sse.testing import ServerProcess
 from conftest import JWT_SECRET, make_token, server_config
 from helpers import Api, Stream, wait_until

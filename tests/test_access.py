@@ -18,7 +18,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from attune_sse.cli import main
+from attune_sse.serve.cli import main
 from helpers import Api, RawStream, Stream, grant, make_pack, new_execution, pack_grants, touch, wait_until
 
 REVOCATION_SECONDS = 2.0

@@ -14,8 +14,8 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from attune_sse.cli import main
-from attune_sse.embedded import EmbeddedPostgres, free_port
+from attune_sse.serve.cli import main
+from attune_sse.storage.embedded import EmbeddedPostgres, free_port
 from helpers import Stream, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_smoke_script_fails_clearly(server: Any, user: dict[str, Any]) -> None:
 
 def test_demo_serves_moving_executions(tmp_path: Path) -> None:
     port = free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "attune_sse.cli", "demo", "--port", str(port), "--rate", "5",
+    demo = subprocess.Popen([sys.executable, "-m", "attune_sse.serve.cli", "demo", "--port", str(port), "--rate", "5",
                              "--data-dir", str(tmp_path / "pgdata")], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -53,7 +53,7 @@ def test_serve_refuses_the_test_secret_in_production(tmp_path: Any, database: An
     path.write_text(json.dumps({"environment": "production", "database": {"url": database.url},
                                 "server": {"port": 0},
                                 "security": {"jwt_secret": "test-secret-for-testing-only-not-secure"}}))
-    done = subprocess.run([sys.executable, "-m", "attune_sse.cli", "serve", "-c", str(path)],
+    done = subprocess.run([sys.executable, "-m", "attune_sse.serve.cli", "serve", "-c", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "security.jwt_secret" in done.stderr and "published test secret" in done.stderr

@@ -8,10 +8,10 @@ from typing import Any
 import gevent
 import pytest
 
-from attune_sse.access import Principal, compile_grants, parse_grants
-from attune_sse.event import ExecutionEvent
-from attune_sse.hub import BATCH_BYTES, SIGNED_OUT, Hub
-from attune_sse.sink import ClientSocket
+from attune_sse.core.event import ExecutionEvent
+from attune_sse.core.grants import Principal, compile_grants, parse_grants
+from attune_sse.core.hub import BATCH_BYTES, SIGNED_OUT, Hub
+from attune_sse.http.sink import ClientSocket
 
 
 def event(event_id: int, entity_id: int = 1) -> ExecutionEvent:

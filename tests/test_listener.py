@@ -13,9 +13,9 @@ import psycopg2
 import psycopg2.extensions
 import requests
 
-from attune_sse.db import make_psycopg2_green
-from attune_sse.hub import Hub
-from attune_sse.listener import Listener
+from attune_sse.core.hub import Hub
+from attune_sse.runtime.listener import Listener
+from attune_sse.storage.db import make_psycopg2_green
 from helpers import Stream, wait_until
 
 

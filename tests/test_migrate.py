@@ -13,7 +13,7 @@ import pytest
 
 import attune_sse
 from attune_sse.errors import MigrationError
-from attune_sse.migrate import SQL_DIR, applied_migrations, apply_migrations, migration_files
+from attune_sse.storage.migrate import SQL_DIR, applied_migrations, apply_migrations, migration_files
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_a_failing_file_rolls_back_and_names_itself(scratch_url: str, tmp_path: 
 
 def test_sql_dir_is_the_packaged_folder() -> None:
     """The migrations ship inside the package; the checkout's sql/ is a link to them."""
-    assert Path(attune_sse.__file__).parent / "sql" == SQL_DIR and SQL_DIR.is_dir()
+    assert Path(attune_sse.__file__).parent / "storage" / "sql" == SQL_DIR and SQL_DIR.is_dir()
     checkout_sql = Path(__file__).resolve().parent.parent / "sql"
     # The same migrations (under tox the package is an installed copy, not the checkout's folder).
     assert sorted(p.name for p in checkout_sql.glob("*.sql")) == sorted(p.name for p in SQL_DIR.glob("*.sql"))

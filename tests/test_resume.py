@@ -13,7 +13,7 @@ from typing import Any
 import psycopg2
 import requests
 
-from attune_sse import record
+from attune_sse.storage import record
 from conftest import server_config
 from helpers import Stream, wait_until
 

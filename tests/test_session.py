@@ -7,10 +7,10 @@ from typing import Any
 
 import gevent
 
-from attune_sse.access import Principal, compile_grants
-from attune_sse.event import ExecutionEvent
-from attune_sse.hub import Hub
-from attune_sse.session import event_stream
+from attune_sse.core.event import ExecutionEvent
+from attune_sse.core.grants import Principal, compile_grants
+from attune_sse.core.hub import Hub
+from attune_sse.core.session import event_stream
 
 
 def event(event_id: int, entity_id: int = 1, action_ref: str = "a.run") -> ExecutionEvent:

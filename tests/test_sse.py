@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from attune_sse.event import ExecutionEvent, PayloadError, parse_notification
-from attune_sse.sse import KEEPALIVE, Message, comment
+from attune_sse.core.event import ExecutionEvent, PayloadError, parse_notification
+from attune_sse.core.sse import KEEPALIVE, Message, comment
 
 
 def test_message_with_id_and_data() -> None:

@@ -17,7 +17,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect, sync_playwright
 
-from attune_sse.embedded import free_port
+from attune_sse.storage.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
 from helpers import grant, make_pack, new_execution, pack_grants, touch

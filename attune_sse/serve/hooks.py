@@ -17,9 +17,9 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from .config import ENV_PREFIX, Config, check_production, load_config
-from .db import make_psycopg2_green, start_database
-from .migrate import apply_migrations
+from attune_sse.config import ENV_PREFIX, Config, check_production, load_config
+from attune_sse.storage.db import make_psycopg2_green, start_database
+from attune_sse.storage.migrate import apply_migrations
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def on_exit(server: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     """Master, a worker has exited: its live gauges (open streams...) leave /metrics."""
-    from .metrics import worker_exited
+    from attune_sse.runtime.metrics import worker_exited
 
     worker_exited(worker.pid)
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
-from .event import MAX_BIGINT, ExecutionEvent, joined, reset_frame
+from attune_sse.core.event import MAX_BIGINT, ExecutionEvent, joined, reset_frame
 
 if TYPE_CHECKING:
-    from .access import Scope
-    from .db import Pool
+    from attune_sse.core.grants import Scope
+    from attune_sse.storage.db import Pool
 
 PAGE_EVENTS = 1000
 PAGE_BYTES = 1 << 20

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any
 
-from .errors import BadRequest
-from .event import MAX_BIGINT
+from attune_sse.core.event import MAX_BIGINT
+from attune_sse.errors import BadRequest
 
 
 def invalid(field: str, message: str) -> BadRequest:

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg2
 
-from .errors import MigrationError
+from attune_sse.errors import MigrationError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import gevent
 import gevent.event
 from gevent.hub import Waiter, get_hub
 
-from .access import EVERYTHING, Principal, Scope
-from .event import ExecutionEvent
+from attune_sse.core.event import ExecutionEvent
+from attune_sse.core.grants import EVERYTHING, Principal, Scope
 
 log = logging.getLogger(__name__)
 

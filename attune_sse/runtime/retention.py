@@ -6,10 +6,10 @@ import logging
 
 import gevent
 
-from . import record
-from .config import Config
-from .db import Pool
-from .errors import NotReady
+from attune_sse.config import Config
+from attune_sse.errors import NotReady
+from attune_sse.storage import record
+from attune_sse.storage.db import Pool
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ import psycopg2
 import psycopg2.extras
 from werkzeug.security import generate_password_hash
 
-from . import store
-from .access import ALL_GRANTS
-from .config import ENV_PREFIX, load_config
-from .db import database
-from .launch import Gunicorn
-from .migrate import apply_migrations
+from attune_sse.config import ENV_PREFIX, load_config
+from attune_sse.core.grants import ALL_GRANTS
+from attune_sse.serve.launch import Gunicorn
+from attune_sse.storage import store
+from attune_sse.storage.db import database
+from attune_sse.storage.migrate import apply_migrations
 
 ACTIONS = ["demo.deploy", "demo.backup", "demo.health_check", "demo.rotate_logs", "demo.send_report"]
 LOGIN, PASSWORD = "demo", "demo-password"

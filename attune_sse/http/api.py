@@ -14,14 +14,14 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask_jwt_extended import verify_jwt_in_request
 
-from . import store
-from .access import Scope
-from .auth import current_principal
-from .errors import Conflict, Forbidden, NotFound, Unprocessable
-from .event import MAX_BIGINT
-from .http_io import json_body, positive_int_arg
-from .state import state
-from .validation import invalid, optional_string, required_string
+from attune_sse.core.event import MAX_BIGINT
+from attune_sse.core.grants import Scope
+from attune_sse.errors import Conflict, Forbidden, NotFound, Unprocessable
+from attune_sse.http.auth import current_principal
+from attune_sse.http.io import json_body, positive_int_arg
+from attune_sse.http.state import state
+from attune_sse.http.validation import invalid, optional_string, required_string
+from attune_sse.storage import store
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from .access import ADMIN_SET, ALL_GRANTS
-from .config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
-from .errors import AttuneError
+from attune_sse.config import CONFIG_ENV, ENV_PREFIX, Config, check_production, load_config, log_level
+from attune_sse.core.grants import ADMIN_SET, ALL_GRANTS
+from attune_sse.errors import AttuneError
 
 config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar=CONFIG_ENV,
@@ -37,8 +37,8 @@ def _migrated_cursor(config: Config, *, dict_rows: bool = False) -> Iterator[Any
     import psycopg2
     import psycopg2.extras
 
-    from .db import connect, database
-    from .migrate import apply_migrations
+    from attune_sse.storage.db import connect, database
+    from attune_sse.storage.migrate import apply_migrations
 
     try:
         with database(config) as url:
@@ -86,7 +86,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         check_production(load_config(environ=env))  # fail here, in one line, rather than inside gunicorn
     except AttuneError as exc:
         raise click.ClickException(str(exc)) from None
-    from .launch import gunicorn_argv
+    from attune_sse.serve.launch import gunicorn_argv
 
     os.execve(sys.executable, gunicorn_argv(), env)
 
@@ -95,8 +95,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
 @config_option
 def migrate(config_path: str | None) -> None:
     """Apply the SQL migrations of sql/ that the database has not applied yet."""
-    from .db import database
-    from .migrate import apply_migrations
+    from attune_sse.storage.db import database
+    from attune_sse.storage.migrate import apply_migrations
 
     config = _load(config_path)
     try:
@@ -115,8 +115,8 @@ def migrate(config_path: str | None) -> None:
               help="Keep at least the newest N events (default: events.retention_count).")
 def prune(config_path: str | None, older_than: int | None, keep: int | None) -> None:
     """Delete old events from the record; clients resuming from before them get a 'reset' event."""
-    from . import record
-    from .retention import limits
+    from attune_sse.runtime.retention import limits
+    from attune_sse.storage import record
 
     config = _load(config_path)
     kwargs = limits(config)
@@ -145,7 +145,7 @@ def user_create(login: str, password: str, display_name: str | None, admin: bool
     """Create an identity that can log in."""
     from werkzeug.security import generate_password_hash
 
-    from . import store
+    from attune_sse.storage import store
 
     config = _load(config_path)
     with _migrated_cursor(config) as cur:
@@ -171,7 +171,7 @@ def _identity_change(config_path: str | None, login: str, change: Callable[[Any]
 @config_option
 def user_freeze(login: str, config_path: str | None) -> None:
     """Refuse LOGIN everywhere (its tokens, refreshes, logins and open streams) until unfrozen."""
-    from . import store
+    from attune_sse.storage import store
 
     _identity_change(config_path, login, lambda cur: store.set_frozen(cur, login, True), "froze")
 
@@ -181,7 +181,7 @@ def user_freeze(login: str, config_path: str | None) -> None:
 @config_option
 def user_unfreeze(login: str, config_path: str | None) -> None:
     """Let a frozen LOGIN in again (its unexpired tokens work again)."""
-    from . import store
+    from attune_sse.storage import store
 
     _identity_change(config_path, login, lambda cur: store.set_frozen(cur, login, False), "unfroze")
 
@@ -191,7 +191,7 @@ def user_unfreeze(login: str, config_path: str | None) -> None:
 @config_option
 def user_delete(login: str, config_path: str | None) -> None:
     """Delete LOGIN: its tokens stop working, its streams end; its executions stay."""
-    from . import store
+    from attune_sse.storage import store
 
     _identity_change(config_path, login, lambda cur: store.delete_identity(cur, login), "deleted")
 
@@ -212,8 +212,8 @@ def permset_create(ref: str, grants: str, label: str | None, replace: bool, conf
     """Create permission set REF (pack.name) with GRANTS."""
     import re
 
-    from . import store
-    from .access import parse_grants
+    from attune_sse.core.grants import parse_grants
+    from attune_sse.storage import store
 
     if not re.fullmatch(r"[a-z][a-z0-9_-]+\.[A-Za-z0-9_.-]+", ref):
         raise click.ClickException(f"ref {ref!r} must look like pack.name (for example core.viewers)")
@@ -235,7 +235,7 @@ def permset_create(ref: str, grants: str, label: str | None, replace: bool, conf
 @config_option
 def permset_assign(login: str, ref: str, config_path: str | None) -> None:
     """Give LOGIN the grants of permission set REF (on top of its other sets)."""
-    from . import store
+    from attune_sse.storage import store
 
     _assignment(config_path, lambda cur: store.assign_permission_set(cur, login, ref), f"assigned {ref} to {login}")
 
@@ -246,7 +246,7 @@ def permset_assign(login: str, ref: str, config_path: str | None) -> None:
 @config_option
 def permset_revoke(login: str, ref: str, config_path: str | None) -> None:
     """Take permission set REF from LOGIN."""
-    from . import store
+    from attune_sse.storage import store
 
     _assignment(config_path, lambda cur: store.revoke_permission_set(cur, login, ref), f"revoked {ref} from {login}")
 
@@ -272,7 +272,8 @@ def token(login: str, expires_in: int | None, config_path: str | None) -> None:
     from flask import Flask
     from flask_jwt_extended import create_access_token
 
-    from . import auth, store
+    from attune_sse.http import auth
+    from attune_sse.storage import store
 
     config = _load(config_path)
     with _migrated_cursor(config, dict_rows=True) as cur:
@@ -295,7 +296,7 @@ def token(login: str, expires_in: int | None, config_path: str | None) -> None:
 def demo(port: int, rate: float, data_dir: str) -> None:
     """Run the service on an embedded database with a demo pack and executions moving through
     their statuses, so the web UI has something to show. Log in as demo / demo-password."""
-    from .demo import run_demo
+    from attune_sse.serve.demo import run_demo
 
     try:
         run_demo(port=port, rate=rate, data_dir=data_dir)

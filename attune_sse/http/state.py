@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import gevent
 from flask import current_app
 
-from .access import AccessControl
-from .config import Config
-from .db import Pool
-from .hub import Hub
-from .listener import Listener
-from .metrics import Metrics
+from attune_sse.config import Config
+from attune_sse.core.hub import Hub
+from attune_sse.runtime.access import AccessControl
+from attune_sse.runtime.listener import Listener
+from attune_sse.runtime.metrics import Metrics
+from attune_sse.storage.db import Pool
 
 EXTENSION = "attune_sse"
 

@@ -21,14 +21,14 @@ from flask_jwt_extended import (
 )
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from . import store
-from .access import Principal
-from .config import Config
-from .errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
-from .event import MAX_BIGINT
-from .http_io import json_body
-from .state import state
-from .validation import invalid, optional_string, required_string
+from attune_sse.config import Config
+from attune_sse.core.event import MAX_BIGINT
+from attune_sse.core.grants import Principal
+from attune_sse.errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
+from attune_sse.http.io import json_body
+from attune_sse.http.state import state
+from attune_sse.http.validation import invalid, optional_string, required_string
+from attune_sse.storage import store
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
 

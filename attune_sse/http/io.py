@@ -8,8 +8,8 @@ from typing import Any
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .errors import ApiError, BadRequest
-from .validation import parse_int, parse_json_object, text_problem
+from attune_sse.errors import ApiError, BadRequest
+from attune_sse.http.validation import parse_int, parse_json_object, text_problem
 
 log = logging.getLogger(__name__)
 

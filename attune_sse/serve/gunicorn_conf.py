@@ -1,4 +1,4 @@
-"""gunicorn settings for attune-sse: ``gunicorn -c python:attune_sse.gunicorn_conf``
+"""gunicorn settings for attune-sse: ``gunicorn -c python:attune_sse.serve.gunicorn_conf``
 (the checkout's ``gunicorn.conf.py`` imports this module).
 
 The attune-sse config file comes from ATTUNE_CONFIG (``attune-sse serve -c``
@@ -14,9 +14,9 @@ to stop, its streams end at once, so a restart waits for nothing.
 import os
 import sys
 
-from attune_sse import serving
 from attune_sse.config import load_config
 from attune_sse.errors import AttuneError
+from attune_sse.serve import hooks
 
 try:
     _config = load_config()
@@ -55,15 +55,15 @@ accesslog = os.environ.get("ATTUNE_ACCESS_LOG", "-")
 # %(U)s is the path without the query string: the stream's ?token= never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
 # Escapes control characters and quotes in what the client sent (a path may hold a line break).
-logger_class = serving.AccessLogger
-logconfig_dict = serving.logging_config(_config)
+logger_class = hooks.AccessLogger
+logconfig_dict = hooks.logging_config(_config)
 
-on_starting = serving.on_starting
-when_ready = serving.when_ready
-on_exit = serving.on_exit
-child_exit = serving.child_exit
-post_fork = serving.post_fork
-post_worker_init = serving.post_worker_init
+on_starting = hooks.on_starting
+when_ready = hooks.when_ready
+on_exit = hooks.on_exit
+child_exit = hooks.child_exit
+post_fork = hooks.post_fork
+post_worker_init = hooks.post_worker_init
 
 # gunicorn's control socket lives at one fixed path per user: several instances
 # on one machine (tests, side-by-side deployments) would fight over it.

@@ -46,10 +46,10 @@ import gevent.event
 import gevent.select
 import psycopg2
 
-from . import record
-from .db import connect
-from .event import ExecutionEvent, PayloadError, parse_notification, reset_frame
-from .hub import Hub
+from attune_sse.core.event import ExecutionEvent, PayloadError, parse_notification, reset_frame
+from attune_sse.core.hub import Hub
+from attune_sse.storage import record
+from attune_sse.storage.db import connect
 
 log = logging.getLogger(__name__)
 

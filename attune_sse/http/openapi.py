@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from .store import EXECUTION_STATUSES
+from attune_sse.storage.store import EXECUTION_STATUSES
 
 bp = Blueprint("openapi", __name__)
 

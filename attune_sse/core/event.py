@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .sse import Message
+from attune_sse.core.sse import Message
 
 MAX_BIGINT = 2**63 - 1  # event and execution ids are PostgreSQL bigints
 

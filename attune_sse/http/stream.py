@@ -17,15 +17,15 @@ from typing import Any
 from flask import Blueprint, Response, request
 from flask_jwt_extended import get_jwt, verify_jwt_in_request
 
-from . import store
-from .auth import current_principal
-from .errors import NotFound, NotReady, TooManyRequests
-from .http_io import positive_int_arg
-from .record import read_backlog
-from .session import event_stream
-from .sink import ClientSocket
-from .state import state
-from .validation import parse_int
+from attune_sse.core.session import event_stream
+from attune_sse.errors import NotFound, NotReady, TooManyRequests
+from attune_sse.http.auth import current_principal
+from attune_sse.http.io import positive_int_arg
+from attune_sse.http.sink import ClientSocket
+from attune_sse.http.state import state
+from attune_sse.http.validation import parse_int
+from attune_sse.storage import store
+from attune_sse.storage.record import read_backlog
 
 log = logging.getLogger(__name__)
 

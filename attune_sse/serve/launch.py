@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import AttuneError
+from attune_sse.errors import AttuneError
 
 # gunicorn's settings, as a module of this package: an installed wheel serves without a checkout.
-GUNICORN_CONF = "python:attune_sse.gunicorn_conf"
+GUNICORN_CONF = "python:attune_sse.serve.gunicorn_conf"
 
 
 def gunicorn_argv(conf: str = GUNICORN_CONF, *extra: str) -> list[str]:

@@ -5,7 +5,7 @@ per worker copies them into prometheus_client metrics once a second, and again
 on each scrape of that worker, so counting costs nothing per event.
 
 Under gunicorn several workers answer ``/metrics``; prometheus_client's
-multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``serving.on_starting``
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, which ``serve.hooks.on_starting``
 sets) sums them, so any worker's answer covers the whole instance. Without that
 variable (an app made in a test) the metrics of this process are served.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import gevent
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 
-from .hub import Hub
-from .listener import Listener
+from attune_sse.core.hub import Hub
+from attune_sse.runtime.listener import Listener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SYNC_INTERVAL = 1.0

@@ -1,4 +1,4 @@
-"""One client's stream, from subscription to goodbye: no Flask, no database, no socket of its own.
+"""One client's stream, from subscription to goodbye: no Flask, no database, no socket.
 
 ``event_stream`` is the body of the SSE response (stream.py, the view, builds
 it from the request): the preamble (``retry:``, and for a new client the
@@ -15,15 +15,47 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from . import sse
-from .access import EVERYTHING, Principal, Scope
-from .errors import NotReady
-from .event import joined
-from .hub import SIGNED_OUT, TOKEN_EXPIRED, Hub, Subscription
-from .sink import ClientSocket
+from attune_sse.core import sse
+from attune_sse.core.event import joined
+from attune_sse.core.grants import EVERYTHING, Principal, Scope
+from attune_sse.core.hub import SIGNED_OUT, TOKEN_EXPIRED, Hub, Sink, Subscription
+from attune_sse.errors import NotReady
 
 log = logging.getLogger(__name__)
+
+
+class Client(Sink, Protocol):
+    """The client's end as the session uses it (http/sink.py's ClientSocket under gunicorn)."""
+
+    def send_rest(self, data: bytes) -> bool: ...
+
+    def drop(self) -> None: ...
+
+    def last_response(self) -> None: ...
+
+
+class NoClient:
+    """No socket (a session driven in-process): nothing is written directly, nothing is shut."""
+
+    direct = False
+
+    @staticmethod
+    def frame(frames: list[bytes]) -> bytes:
+        return b"".join(frames)
+
+    def try_write(self, data: bytes) -> int:
+        return -1
+
+    def send_rest(self, data: bytes) -> bool:
+        return True
+
+    def drop(self) -> None:
+        pass
+
+    def last_response(self) -> None:
+        pass
 
 # Seconds a stream waits for its worker's listener to know where the record stands (only
 # right after the worker started, or while its database was unreachable since).
@@ -47,7 +79,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  scope: Scope = EVERYTHING,
                  confirm: Callable[[], dict[int, Principal | None]] | None = None,
                  backlog: Callable[[int, int, Callable[[], Scope]], Iterator[tuple[bytes, int]]] | None = None,
-                 connection: ClientSocket | None = None) -> Iterator[bytes]:
+                 connection: Client | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
     The stream starts at the hub's position: every event after it is sent, none
@@ -65,7 +97,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     it ends with a ``signed_out`` event. ``confirm()`` gives the identity as
     access control knows it once the stream is subscribed (AccessControl.recheck).
     """
-    connection = connection or ClientSocket(None)
+    connection = connection or NoClient()
     stats = hub.stats
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
     sub = hub.subscribe(execution_id, on_overflow=connection.drop, sink=connection, identity=identity, scope=scope)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import EmbeddedDatabaseError
+from attune_sse.errors import EmbeddedDatabaseError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from .config import Config
-from .errors import AttuneError, NotReady
+from attune_sse.config import Config
+from attune_sse.errors import AttuneError, NotReady
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,19 @@ def require_cooperative() -> None:
     from gevent import monkey
 
     if monkey.is_module_patched("socket") and psycopg2.extensions.get_wait_callback() is None:
-        raise AttuneError("psycopg2 is not cooperative under gevent: call attune_sse.db.make_psycopg2_green() "
+        raise AttuneError("psycopg2 is not cooperative under gevent: call attune_sse.storage.db.make_psycopg2_green() "
                           "after forking and before create_app() (gunicorn_conf's post_fork does)")
 
 
 def service_url(config: Config) -> str:
     """The database URL the app uses. It never starts a database itself: with ``embedded``, the
-    process that starts the service (attune-sse serve, gunicorn with attune_sse.gunicorn_conf) has
+    process that starts the service (attune-sse serve, gunicorn with attune_sse.serve.gunicorn_conf) has
     started it and put its URL in ATTUNE__DATABASE__URL."""
     url = config["database.url"]
     if url == "embedded":
-        raise AttuneError("database.url is 'embedded', but no embedded server was started for this app: run it "
-                          "with attune-sse serve (or gunicorn -c python:attune_sse.gunicorn_conf), which starts it")
+        raise AttuneError("database.url is 'embedded', but no embedded server was started for this app: run "
+                          "it with attune-sse serve (or gunicorn -c python:attune_sse.serve.gunicorn_conf), "
+                          "which starts it")
     return url
 
 
@@ -80,7 +81,7 @@ def start_database(config: Config) -> tuple[str, Any]:
     url = config["database.url"]
     if url != "embedded":
         return url, None
-    from .embedded import EmbeddedPostgres
+    from attune_sse.storage.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(config["database.data_dir"])
     server.start()
@@ -91,7 +92,7 @@ def start_database(config: Config) -> tuple[str, Any]:
 @contextmanager
 def database(config: Config) -> Iterator[str]:
     """The database URL for a one-off command; an embedded server started here is stopped after."""
-    from .embedded import EmbeddedPostgres
+    from attune_sse.storage.embedded import EmbeddedPostgres
 
     was_running = False
     if config["database.url"] == "embedded":
