@@ -41,13 +41,11 @@ def say(message: str) -> None:
 def seed(url: str) -> None:
     conn = psycopg2.connect(url)
     conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("INSERT INTO attune.pack (ref, label) VALUES ('demo', 'Demo pack') ON CONFLICT DO NOTHING")
+    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:  # the API's own SQL (store.py)
+        store.insert_pack(cur, "demo", "Demo pack", None, "0.1.0")
+        pack = store.pack_by_ref(cur, "demo")
         for ref in ACTIONS:
-            cur.execute("""INSERT INTO attune.action (ref, pack, pack_ref, label)
-                           SELECT %s, id, ref, %s FROM attune.pack WHERE ref = 'demo' ON CONFLICT DO NOTHING""",
-                        (ref, ref.split(".", 1)[1].replace("_", " ")))
-    with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            store.insert_action(cur, pack, ref, ref.split(".", 1)[1].replace("_", " "), None, "")
         if store.identity_by_login(cur, LOGIN) is None:
             store.insert_identity(cur, LOGIN, "Demo user", generate_password_hash(PASSWORD))
     conn.close()
