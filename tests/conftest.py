@@ -7,6 +7,7 @@ restart), or the server named by ATTUNE_TEST_DATABASE_URL.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -116,6 +117,15 @@ def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, A
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return config
+
+
+@pytest.fixture
+def config_file(database: Database, tmp_path: Any) -> str:
+    """A config file for the attune-sse command, on the test database."""
+    path = tmp_path / "cli.yaml"
+    path.write_text(json.dumps({"database": {"url": database.url}, "security": {"jwt_secret": "s"},
+                                "log": {"level": "warn"}}))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -250,17 +249,9 @@ def test_narrowed_grants_narrow_open_streams(teams: dict[str, Any], database: An
         assert stream.next_event().json["entity_id"] == a_id, "b's event after the revocation was sent"
 
 
-@pytest.fixture
-def cli_config(database: Any, tmp_path: Path) -> str:
-    path = tmp_path / "cli.yaml"
-    path.write_text(json.dumps({"database": {"url": database.url}, "security": {"jwt_secret": "s"},
-                                "log": {"level": "warn"}}))
-    return str(path)
-
-
-def test_cli_manages_permission_sets_and_identities(cli_config: str, database: Any, server: Any,
+def test_cli_manages_permission_sets_and_identities(config_file: str, database: Any, server: Any,
                                                     teams: dict[str, Any]) -> None:
-    run = lambda *args: CliRunner().invoke(main, [*args, "-c", cli_config])  # noqa: E731
+    run = lambda *args: CliRunner().invoke(main, [*args, "-c", config_file])  # noqa: E731
     tag, dave = teams["tag"], register(server, "dave")
     ref = f"cli.viewers{tag}"
     grants = json.dumps([{"resource": "executions", "actions": ["read"], "constraints": {"pack_refs": [f"a-{tag}"]}}])

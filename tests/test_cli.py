@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 from click.testing import CliRunner
 
@@ -19,14 +18,6 @@ from attune_sse.storage.embedded import EmbeddedPostgres, free_port
 from helpers import Stream, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def config_file(database: Any, tmp_path: Path) -> str:
-    path = tmp_path / "cli.yaml"
-    path.write_text(json.dumps({"database": {"url": database.url}, "security": {"jwt_secret": "s"},
-                                "log": {"level": "warn"}}))
-    return str(path)
 
 
 def test_migrate_is_up_to_date(config_file: str) -> None:

@@ -78,6 +78,20 @@ def _events_of(database: Any, execution_id: int) -> list[int]:
         "SELECT id FROM attune.execution_event WHERE execution = %s ORDER BY id", (execution_id,))]
 
 
+def _fail_one_then_commit_another(commit_control: Any, database: Any, failing_execution: int,
+                                  next_execution: int) -> tuple[Any, int]:
+    """A transaction draws an event id and fails at commit; another commits after it. (the
+    committed writer, kept open for more, and its event's id)"""
+    failing = commit_control("fail")
+    _update(failing, failing_execution, "running")
+    with pytest.raises(psycopg2.errors.RaiseException):
+        failing.commit()
+    writer = commit_control()
+    _update(writer, next_execution, "running")
+    writer.commit()
+    return writer, _events_of(database, next_execution)[-1]
+
+
 def test_an_open_transaction_delays_no_other_writer_and_its_events_come_at_commit(
     server: Any, token: str, database: Any, new_execution: Any
 ) -> None:
@@ -157,14 +171,8 @@ def test_an_id_whose_commit_failed_is_passed_within_moments(
     failing_execution, next_execution = new_execution(), new_execution()
     live = Stream(server.base_url + STREAM, {"token": token})
     ((before,),) = database.query("SELECT last_value FROM attune.execution_event_id_seq")
-    failing = commit_control("fail")
-    _update(failing, failing_execution, "running")
-    with pytest.raises(psycopg2.errors.RaiseException):
-        failing.commit()
-    writer = commit_control()
-    _update(writer, next_execution, "running")
-    writer.commit()
-    (next_id,) = _events_of(database, next_execution)[-1:]
+    _, next_id = _fail_one_then_commit_another(commit_control, database, failing_execution,
+                                                        next_execution)
     assert next_id > before + 1, "the failed commit drew an id that will never be in the record"
 
     began = time.monotonic()
@@ -337,14 +345,8 @@ def test_a_role_that_may_not_write_cannot_stall_delivery_or_a_starting_worker(
     failing_execution, next_execution = new_execution(), new_execution()
     live = Stream(server.base_url + STREAM, {"token": token})
     with _sequence_lock_squatter(database):
-        failing = commit_control("fail")
-        _update(failing, failing_execution, "running")
-        with pytest.raises(psycopg2.errors.RaiseException):
-            failing.commit()
-        writer = commit_control()
-        _update(writer, next_execution, "running")
-        writer.commit()
-        next_id = _events_of(database, next_execution)[-1]
+        writer, next_id = _fail_one_then_commit_another(commit_control, database, failing_execution,
+                                                                 next_execution)
         live.events_until(lambda e: e["event_id"] == next_id, timeout=3)  # past the failed commit's id
 
         began = time.monotonic()
@@ -382,14 +384,8 @@ def test_a_flood_of_stale_doorbells_does_not_hold_back_an_event_after_a_failed_c
     bell.start()
     try:
         time.sleep(0.2)
-        failing = commit_control("fail")
-        _update(failing, failing_execution, "running")
-        with pytest.raises(psycopg2.errors.RaiseException):
-            failing.commit()
-        writer = commit_control()
-        _update(writer, next_execution, "running")
-        writer.commit()
-        next_id = _events_of(database, next_execution)[-1]
+        _, next_id = _fail_one_then_commit_another(commit_control, database, failing_execution,
+                                                            next_execution)
         began = time.monotonic()
         live.events_until(lambda e: e["event_id"] == next_id, timeout=5)
         assert time.monotonic() - began < 2.0

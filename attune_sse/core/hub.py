@@ -326,14 +326,14 @@ class Hub:
                 if event.entity_id in self._by_execution:
                     per_execution.setdefault(event.entity_id, []).append(event)
             for execution_id, matching in per_execution.items():
-                subs = self._by_execution[execution_id]
-                if all(sub.scope.everything for sub in subs):
-                    delivered += self._offer_all(subs, matching)
-                    continue
-                for sub in list(subs):
-                    allowed = sub.scope.filter(matching)
+                # As for _all: filtered once per scope among this execution's streams, framed once per group.
+                by_scope: dict[Scope, set[Subscription]] = {}
+                for sub in self._by_execution[execution_id]:
+                    by_scope.setdefault(sub.scope, set()).add(sub)
+                for scope, subs in by_scope.items():
+                    allowed = scope.filter(matching)
                     if allowed:
-                        delivered += self._offer_all({sub}, allowed)
+                        delivered += self._offer_all(subs, allowed)
         self.stats.delivered += delivered
         return delivered
 
