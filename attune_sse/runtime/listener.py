@@ -345,19 +345,23 @@ class Listener:
                 gap.next_look = now + gap.recheck
                 return False
         # Whoever drew the missing ids has ended: what the record holds up to `below` is all there will be.
-        start, received = self.position, self.received
+        # Read it all first (a few events: `below` is the first one seen after the gap), so the log says
+        # what was passed before any client gets the events after it.
+        start, found, after = self.position, [], self.position
         while True:
             with conn.cursor() as cur:
-                page = record.events_after(cur, self.position, through=gap.below, prepared=True)
-            self._publish(page.events)
-            if not page.full:
+                page = record.events_after(cur, after, through=gap.below, prepared=True)
+            found.extend(page.events)
+            if not page.full or not page.events:
                 break
-        missing = gap.below - start - (self.received - received)
-        self._pass(gap.below)
+            after = page.events[-1].event_id
+        missing = gap.below - start - len(found)
         if missing:
             self.skipped += missing
             log.info("listener: passed %d event id(s) after %d: drawn by transactions that did not commit",
                      missing, start)
+        self._publish(found)
+        self._pass(gap.below)
         return True
 
     def _pass(self, position: int) -> None:
