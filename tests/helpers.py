@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
@@ -98,6 +99,30 @@ class Stream:
 
     def close(self) -> None:
         self.response.close()
+
+
+def streams_on_every_worker(open_stream: Callable[[], Stream], workers: int, per_worker: int = 1,
+                            timeout: float = 20.0) -> list[Stream]:
+    """Open streams until each of ``workers`` workers serves ``per_worker`` of them.
+
+    The workers share one listening socket and the busier one tends to win
+    every accept of connections made one after another, so streams are opened
+    in concurrent bursts; streams beyond ``per_worker`` on a worker are closed.
+    """
+    by_worker: dict[int, list[Stream]] = {}
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while len(by_worker) < workers or any(len(s) < per_worker for s in by_worker.values()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not reach every worker in {timeout}s: "
+                                     f"{ {w: len(s) for w, s in by_worker.items()} }")
+            for stream in pool.map(lambda _: open_stream(), range(4)):
+                mine = by_worker.setdefault(stream.worker, [])
+                if len(mine) < per_worker:
+                    mine.append(stream)
+                else:
+                    stream.close()
+    return [s for streams in by_worker.values() for s in streams]
 
 
 class Api:

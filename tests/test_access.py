@@ -18,7 +18,18 @@ import requests
 from click.testing import CliRunner
 
 from attune_sse.serve.cli import main
-from helpers import Api, RawStream, Stream, grant, make_pack, new_execution, pack_grants, touch, wait_until
+from helpers import (
+    Api,
+    RawStream,
+    Stream,
+    grant,
+    make_pack,
+    new_execution,
+    pack_grants,
+    streams_on_every_worker,
+    touch,
+    wait_until,
+)
 
 REVOCATION_SECONDS = 2.0
 PASSWORD = "correct horse battery"
@@ -33,15 +44,10 @@ def register(server: Any, prefix: str) -> dict[str, Any]:
     return {**data, "login": login, "id": data["user"]["id"], "api": Api(server.base_url, data["access_token"])}
 
 
-def streams_on_every_worker(server: Any, token: str, **params: Any) -> list[Stream]:
-    """Streams of one identity until both workers hold at least one."""
-    streams: list[Stream] = []
-    while {s.worker for s in streams} != set(range(server.workers)) and len(streams) < 12:
-        streams.append(Stream(server.base_url + "/api/v1/executions/stream", {"token": token, **params}))
-        if len({s.worker for s in streams}) == server.workers:
-            break
-    assert len({s.worker for s in streams}) == server.workers, "could not reach every worker"
-    return streams
+def streams_of(server: Any, token: str) -> list[Stream]:
+    """Streams of one identity, at least one on every worker."""
+    url = server.base_url + "/api/v1/executions/stream"
+    return streams_on_every_worker(lambda: Stream(url, {"token": token}), server.workers)
 
 
 def execution_ids(events: list[Any]) -> list[int]:
@@ -111,7 +117,7 @@ def test_streams_carry_only_readable_executions_on_every_worker(teams: dict[str,
                                                                   server: Any) -> None:
     alice, bob, root = teams["alice"], teams["bob"], teams["root"]
     a_id, b_id = new_execution(database, teams["a"]), new_execution(database, teams["b"])
-    streams = {name: streams_on_every_worker(server, who["access_token"])
+    streams = {name: streams_of(server, who["access_token"])
                for name, who in (("alice", alice), ("bob", bob), ("root", root))}
     alice_one = Stream(server.base_url + "/api/v1/executions/stream",
                        {"token": alice["access_token"], "execution_id": a_id})
@@ -156,7 +162,7 @@ def test_resume_skips_what_the_identity_may_not_read(teams: dict[str, Any], data
 def test_freeze_cuts_rest_streams_and_refresh_within_2s_and_unfreeze_restores(
         teams: dict[str, Any], database: Any, server: Any) -> None:
     alice = teams["alice"]
-    streams = streams_on_every_worker(server, alice["access_token"])
+    streams = streams_of(server, alice["access_token"])
     assert alice["api"].get("/api/v1/executions").status_code == 200
     frozen_at = time.monotonic()
     database.query("UPDATE attune.identity SET frozen = true WHERE id = %s", (alice["id"],))
@@ -200,7 +206,7 @@ def test_freeze_cuts_rest_streams_and_refresh_within_2s_and_unfreeze_restores(
 def test_deleted_identity_is_refused_everywhere_within_2s(teams: dict[str, Any], database: Any,
                                                            server: Any) -> None:
     bob = teams["bob"]
-    streams = streams_on_every_worker(server, bob["access_token"])
+    streams = streams_of(server, bob["access_token"])
     b_id = new_execution(database, teams["b"])
     deleted_at = time.monotonic()
     database.query("DELETE FROM attune.identity WHERE id = %s", (bob["id"],))
@@ -230,7 +236,7 @@ def test_narrowed_grants_narrow_open_streams(teams: dict[str, Any], database: An
     grant(database, carol, f"team.ca{tag}", pack_grants(f"a-{tag}"))
     grant(database, carol, f"team.cb{tag}", pack_grants(f"b-{tag}"))
     a_id, b_id = new_execution(database, teams["a"]), new_execution(database, teams["b"])
-    streams = streams_on_every_worker(server, carol["access_token"])
+    streams = streams_of(server, carol["access_token"])
     touch(database, b_id, "scheduled")
     for stream in streams:
         assert stream.events_until(lambda doc: doc["entity_id"] == b_id)

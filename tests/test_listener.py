@@ -16,7 +16,7 @@ import requests
 from attune_sse.core.hub import Hub
 from attune_sse.runtime.listener import Listener
 from attune_sse.storage.db import make_psycopg2_green
-from helpers import Stream, wait_until
+from helpers import Stream, streams_on_every_worker, wait_until
 
 
 def test_listener_waits_on_a_descriptor_above_1024(database: Any, db: Any, new_execution: Any) -> None:
@@ -79,12 +79,9 @@ def test_forged_notifications_change_nothing_clients_receive(
     execution_id = new_execution()
     ((newest,),) = database.query("SELECT max(id) FROM attune.execution_event")
     url = server.base_url + "/api/v1/executions/stream"
-    streams, workers = [], set()
-    while len(workers) < 2 or len(streams) < 4:
-        stream = Stream(url, {"token": token, "execution_id": execution_id})
-        streams.append(stream)
-        workers.add(stream.worker)
-        assert len(streams) < 40, "every stream landed on one worker"
+    streams = streams_on_every_worker(lambda: Stream(url, {"token": token, "execution_id": execution_id}),
+                                      server.workers, per_worker=2)
+    workers = {s.worker for s in streams}
     everything = Stream(url, {"token": token})
     before = _rejected(server)
     forgeries = {

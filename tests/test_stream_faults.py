@@ -8,23 +8,11 @@ from typing import Any
 
 import requests
 
-from helpers import wait_until
-
-
-def _streams_on_both_workers(open_stream: Any, per_worker: int = 2, attempts: int = 40) -> list[Any]:
-    """Open clients until each of the two workers serves at least ``per_worker`` of them."""
-    by_worker: dict[int, list[Any]] = {}
-    for _ in range(attempts):
-        stream = open_stream()
-        by_worker.setdefault(stream.worker, []).append(stream)
-        if len(by_worker) >= 2 and all(len(s) >= per_worker for s in by_worker.values()):
-            break
-    assert len(by_worker) >= 2, f"all {attempts} streams landed on one worker: {list(by_worker)}"
-    return [s for streams in by_worker.values() for s in streams]
+from helpers import streams_on_every_worker, wait_until
 
 
 def test_two_workers_each_deliver_every_event(open_stream: Any, new_execution: Any, set_status: Any) -> None:
-    streams = _streams_on_both_workers(open_stream)
+    streams = streams_on_every_worker(open_stream, 2, per_worker=2)
     execution_id = new_execution()
     statuses = ["scheduling", "scheduled", "running", "completed"]
     for status in statuses:
@@ -48,7 +36,7 @@ def _restarted_listeners(database: Any, old: set[int], timeout: float) -> set[in
 def test_listener_reconnects_after_pg_terminate_backend(
     database: Any, server: Any, open_stream: Any, new_execution: Any, set_status: Any
 ) -> None:
-    streams = _streams_on_both_workers(open_stream, per_worker=1)
+    streams = streams_on_every_worker(open_stream, 2)
     execution_id = new_execution()
     for stream in streams:
         stream.events_until(lambda e: e["entity_id"] == execution_id)
@@ -73,7 +61,7 @@ def test_listener_notices_a_silent_dead_connection(
     database: Any, server: Any, open_stream: Any, new_execution: Any, set_status: Any
 ) -> None:
     """A backend that stops answering without closing its socket is given up within 10 s."""
-    streams = _streams_on_both_workers(open_stream, per_worker=1)
+    streams = streams_on_every_worker(open_stream, 2)
     old = database.listener_pids()
     for pid in old:
         os.kill(pid, signal.SIGSTOP)  # the socket stays open; nothing answers

@@ -12,7 +12,7 @@ import requests
 
 from attune_sse.testing import ServerProcess
 from conftest import make_token, server_config
-from helpers import Stream, wait_until
+from helpers import Stream, streams_on_every_worker, wait_until
 
 
 @pytest.fixture
@@ -39,9 +39,7 @@ def test_streams_work_over_tls(tls_server: ServerProcess, new_execution: Any, se
     user = requests.post(tls_server.base_url + "/auth/register", timeout=10,
                          json={"login": "tls-user", "password": "correct horse battery"}).json()["data"]
     url = tls_server.base_url + "/api/v1/executions/stream"
-    streams = []
-    while len({s.worker for s in streams}) < tls_server.workers and len(streams) < 10:
-        streams.append(Stream(url, {"token": user["access_token"]}))
+    streams = streams_on_every_worker(lambda: Stream(url, {"token": user["access_token"]}), tls_server.workers)
     execution_id = new_execution()
     statuses = ["scheduling", "scheduled", "running", "completed"]
     for status in statuses:
