@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,8 +24,9 @@ from attune_sse.http.bodies import BodyDeadline
 from attune_sse.http.io import check_query_string, register_error_handlers
 from attune_sse.http.state import EXTENSION, AppState, state
 from attune_sse.runtime.access import AccessControl
-from attune_sse.runtime.listener import Listener
+from attune_sse.runtime.feed import Feed
 from attune_sse.runtime.metrics import Metrics
+from attune_sse.runtime.relay import RELAY_DIR_ENV, ListenerSource, Relay
 from attune_sse.runtime.retention import start_pruner
 from attune_sse.storage.db import Pool, require_cooperative, service_url
 
@@ -66,26 +68,22 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     require_cooperative()
     url = service_url(config)
     hub = Hub(max_pending=config["server.sse_queue_size"])
-    listener = Listener(
-        url,
-        hub,
-        ping_interval=config["listener.ping_interval"],
-        ping_timeout=config["listener.ping_timeout"],
-        reconnect_max_delay=config["listener.reconnect_max_delay"],
-    )
     pool = Pool(url, config["database.pool_size"])
     # Resumes wait for one of these rather than take REST's connections; each holds one for a page.
     backlog_pool = Pool(url, config["database.backlog_pool_size"], acquire_timeout=30.0)
     access = AccessControl(pool, config["security.default_grants"], config["security.access_refresh_seconds"],
                            watch_pool=Pool(url, 1, acquire_timeout=5.0))
-    metrics = Metrics(hub, listener, CollectorRegistry())
+    feed = Feed(hub, backlog_pool)
+    relay = Relay(feed, _source_maker(config, url),
+                  os.environ.get(RELAY_DIR_ENV) if config["events.listen_per"] == "instance" else None)
+    metrics = Metrics(hub, feed, lambda: relay.listener, CollectorRegistry())
     background = []
     if start_listener:
-        listener.start()
+        relay.start()
         keepalive = hub.start_keepalive(config["server.sse_keepalive_seconds"])
         watcher = access.watch(hub.identities, hub.apply_access)
         background = [g for g in (start_pruner(pool, config), metrics.start(), keepalive, watcher) if g is not None]
-    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, listener=listener,
+    app.extensions[EXTENSION] = AppState(config=config, pool=pool, hub=hub, feed=feed, relay=relay,
                                          metrics=metrics, access=access, backlog_pool=backlog_pool,
                                          background=background)
 
@@ -109,6 +107,17 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
         # need the client's address, which only the trusted hops' X-Forwarded-For tells.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=config["server.proxy_hops"])  # type: ignore[method-assign]
     return app
+
+
+def _source_maker(config: Config, url: str) -> Callable[[Relay], Any]:
+    """What the worker that leads its instance runs: a LISTEN, or a Redis stream reader (events.fanout)."""
+    settings = {"ping_interval": config["listener.ping_interval"], "ping_timeout": config["listener.ping_timeout"],
+                "reconnect_max_delay": config["listener.reconnect_max_delay"]}
+    if config["events.fanout"] == "redis":
+        from attune_sse.runtime.broker import BrokerSource
+
+        return lambda relay: BrokerSource(config, url, relay, **settings)
+    return lambda relay: ListenerSource(url, relay, **settings)
 
 
 def may_see_internals() -> bool:
@@ -139,24 +148,27 @@ def healthz() -> Any:
 
 
 def readyz() -> Any:
-    """Ready: the database answers and this worker's listener is connected."""
+    """Ready: the database answers and events reach this worker."""
     app_state = state()
     try:
         with app_state.pool.cursor() as cur:
             cur.execute("SELECT 1")
     except NotReady as exc:
         raise NotReady(f"Not ready: {exc.message}", code="DATABASE_UNAVAILABLE") from None
-    if not app_state.listener.connected:
-        raise NotReady("Not ready: the LISTEN connection is down; it is reconnecting.",
-                       code="LISTENER_DISCONNECTED")
-    listener = app_state.listener
+    feed, relay = app_state.feed, app_state.relay
+    if not feed.flowing:
+        raise NotReady("Not ready: events do not reach this worker (its instance's listener, or the broker, "
+                       "is disconnected or being elected); it is reconnecting.", code="LISTENER_DISCONNECTED")
     if not may_see_internals():
         return jsonify({"data": {"status": "ready"}})
+    listener = relay.listener
     return jsonify({"data": {
         "status": "ready",
         "pid": os.getpid(),
-        "listener_backend_pid": listener.backend_pid,
-        "listener": {
+        "feed": feed.stats(),
+        "relay": relay.stats(),
+        "listener_backend_pid": listener.backend_pid if listener else None,
+        "listener": None if listener is None else {
             "position": listener.position,
             "received": listener.received,
             "caught_up": listener.caught_up,

@@ -100,6 +100,13 @@ def _networks(value: Any) -> list[str]:
     return value
 
 
+def _redis_url(value: Any) -> str:
+    value = _string(value)
+    if value and urlparse(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
 def _database_url(value: Any) -> str:
     value = _string(value)
     if value == "embedded":
@@ -188,6 +195,16 @@ SETTINGS: tuple[Setting, ...] = (
             "newest events always kept; older ones are pruned (0: no limit by count)"),
     Setting("events.prune_interval_seconds", 300, _number(0),
             "how often each worker prunes the event record (0: only by 'attune-sse prune')"),
+    Setting("events.listen_per", "instance", _choice("instance", "worker"),
+            "who holds a LISTEN connection: one worker per instance, elected, serving the others "
+            "(instance), or every worker (worker: only to compare)"),
+    Setting("events.fanout", "postgres", _choice("postgres", "redis"),
+            "how events reach the instances: each instance LISTENs (postgres), or one leader per cluster "
+            "LISTENs and publishes to a Redis stream every instance reads (redis, needs events.redis_url)"),
+    Setting("events.redis_url", "", _redis_url, "the Redis server of events.fanout: redis (redis://host:port/db)"),
+    Setting("events.redis_stream", "attune:execution_events", _string, "the Redis stream key the leader writes"),
+    Setting("events.redis_maxlen", 100000, _number(100, integer=True),
+            "entries the Redis stream keeps, about (an instance further behind reads the record)"),
     Setting("log.level", "info", _choice("debug", "info", "warn", "warning", "error", "critical"),
             "debug, info, warn, error or critical"),
     Setting("listener.ping_interval", 3.0, _number(0.1, 60),
@@ -299,6 +316,9 @@ def load_config(
             )
         else:
             values[setting.key] = setting.default
+    if values["events.fanout"] == "redis" and not values["events.redis_url"]:
+        raise ConfigError("events.redis_url", "missing; events.fanout: redis needs the Redis server's URL "
+                          "(redis://host:port/0), or set events.fanout: postgres")
     return Config(values, source)
 
 

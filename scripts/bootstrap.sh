@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv beside the checkout and install attune-sse into it (editable,
 # with the test, style and bench extras); with --browser, also Debian's Chromium
-# for the browser tests (scripts/test asks for it). Safe to run again: what is
+# and redis-server for the tests (scripts/test asks for it). Safe to run again: what is
 # there is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,13 +21,19 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
-# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
-if [ "${1:-}" = --browser ] && [ ! -x /usr/bin/chromium ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "bootstrap: installing Debian's chromium for the browser tests"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    else
-        echo "bootstrap: /usr/bin/chromium is missing; the browser tests need it: sudo apt-get install chromium" >&2
+# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright); the
+# broker tests start their own redis-server (events.fanout: redis).
+if [ "${1:-}" = --browser ]; then
+    missing=()
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "bootstrap: installing Debian's ${missing[*]} for the tests"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        else
+            echo "bootstrap: the tests need ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
+        fi
     fi
 fi

@@ -361,4 +361,4 @@ def test_metrics_and_readiness_details_need_an_allowed_address_or_the_token(smal
     assert scraped.status_code == 200 and "attune_sse_listener_connected" in scraped.text
     assert requests.get(base + "/readyz", timeout=5).json() == {"data": {"status": "ready"}}
     detailed = requests.get(base + "/readyz", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}, timeout=5)
-    assert detailed.status_code == 200 and "position" in detailed.json()["data"]["listener"]
+    assert detailed.status_code == 200 and "position" in detailed.json()["data"]["feed"]

@@ -192,10 +192,17 @@ def test_health_and_readiness(server: Any) -> None:
     assert requests.get(server.base_url + "/healthz", timeout=5).json()["data"]["status"] == "ok"
     ready = requests.get(server.base_url + "/readyz", timeout=5).json()["data"]
     assert ready["status"] == "ready"
-    assert isinstance(ready["listener_backend_pid"], int)
-    assert set(ready["listener"]) == {"position", "received", "caught_up", "skipped", "rejected", "reconnects",
-                                      "lag_seconds"}
-    assert isinstance(ready["listener"]["position"], int)
+    assert set(ready["feed"]) == {"position", "received", "filled", "flowing", "lag_seconds"}
+    assert isinstance(ready["feed"]["position"], int) and ready["feed"]["flowing"] is True
+    # One worker of the instance LISTENs for both; the one that answered is either.
+    assert ready["relay"]["role"] in ("leader", "follower")
+    if ready["relay"]["role"] == "leader":
+        assert isinstance(ready["listener_backend_pid"], int)
+        assert set(ready["listener"]) == {"position", "received", "caught_up", "skipped", "rejected", "reconnects",
+                                          "lag_seconds"}
+        assert ready["relay"]["followers"] == 1
+    else:
+        assert ready["listener"] is None and ready["listener_backend_pid"] is None
     assert set(ready["hub"]) == {"published", "delivered", "sent", "overflows", "subscribed_total"}
 
 

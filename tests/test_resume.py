@@ -294,7 +294,7 @@ def test_a_resume_over_large_results_holds_about_a_page_and_gives_the_memory_bac
                             "WHERE id = %s", (n, f"{n:02d}" * (2 * MiB), execution_id))
         ((last,),) = database.query("SELECT max(id) FROM attune.execution_event")
         ready = wait_until(lambda: (r := requests.get(srv.base_url + "/readyz", timeout=5).json()["data"])
-                           ["listener"]["position"] >= last and r, 30, "the listener to publish the 20 events")
+                           ["feed"]["position"] >= last and r, 30, "the listener to publish the 20 events")
         worker = ready["pid"]
         url, params = srv.base_url + STREAM, {"token": token, "execution_id": execution_id, "last_event_id": start}
         baseline = _rss(worker)

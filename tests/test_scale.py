@@ -48,9 +48,10 @@ def test_metrics_are_in_the_prometheus_text_format(
                  "attune_sse_events_received", "attune_sse_events_delivered", "attune_sse_queue_drops",
                  "attune_sse_listener_reconnects"):
         assert re.search(rf"^# TYPE {name}(_total)? (gauge|counter)$", response.text, re.MULTILINE), name
-    # Both workers' listeners count, whichever worker answers: the multiprocess sum.
+    # Both workers' feeds count, whichever worker answers: the multiprocess sum; one LISTEN serves both.
     wait_until(lambda: metric(server.base_url, "attune_sse_listener_connected") == 2, 10,
-               "both workers' listeners in the sum (each syncs once a second)")
+               "both workers' feeds in the sum (each syncs once a second)")
+    assert metric(server.base_url, "attune_sse_listen_connections") == 1
 
     delivered = metric(server.base_url, "attune_sse_events_delivered_total")
     received = metric(server.base_url, "attune_sse_events_received_total")
@@ -59,9 +60,9 @@ def test_metrics_are_in_the_prometheus_text_format(
     execution_id = new_execution()
     set_status(execution_id, "running")
     stream.events_until(lambda doc: doc["entity_id"] == execution_id and doc["data"]["status"] == "running")
-    # Each worker's listener received both events; our stream was sent them.
+    # Each worker's hub received both events; our stream was sent them.
     wait_until(lambda: metric(server.base_url, "attune_sse_events_received_total") >= received + 4, 10,
-               "both listeners to count the two events")
+               "both workers to count the two events")
     wait_until(lambda: metric(server.base_url, "attune_sse_events_delivered_total") >= delivered + 2, 10,
                "the deliveries to count")
     assert metric(server.base_url, "attune_sse_listener_lag_seconds") >= 0
@@ -120,7 +121,8 @@ def test_two_instances_on_one_database_each_deliver_every_event(
     second = ServerProcess(server_config(database), tmp_path).start()
     try:
         assert second.port != server.port
-        assert len(database.listener_pids()) >= 4, "two instances, two workers each, one LISTEN per worker"
+        # Two instances of two workers: one LISTEN each, whatever the number of workers.
+        wait_until(lambda: len(database.listener_pids()) == 2, 10, "one LISTEN per instance")
         execution_id = new_execution()
         inserted = event_ids_of(db, execution_id)[-1]
         params = {"token": token, "execution_id": execution_id}

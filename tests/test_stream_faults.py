@@ -28,9 +28,9 @@ def _restarted_listeners(database: Any, old: set[int], timeout: float) -> set[in
     # A stopped (SIGSTOP) backend still shows in pg_stat_activity: count the new ones.
     def fresh() -> set[int] | None:
         new = database.listener_pids() - old
-        return new if len(new) >= 2 else None
+        return new if len(new) >= len(old) else None
 
-    return wait_until(fresh, timeout, "every worker's listener to reconnect with a new backend")
+    return wait_until(fresh, timeout, "the instance's listener to reconnect with a new backend")
 
 
 def test_listener_reconnects_after_pg_terminate_backend(
@@ -42,9 +42,9 @@ def test_listener_reconnects_after_pg_terminate_backend(
         stream.events_until(lambda e: e["entity_id"] == execution_id)
 
     old = database.listener_pids()
-    assert len(old) == 2
+    assert len(old) == 1, "one LISTEN serves the instance's two workers"
     database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
-    # Changed while the listeners are down: caught up from the event table after the reconnect.
+    # Changed while the listener is down: caught up from the event table after the reconnect.
     set_status(execution_id, "running")
     _restarted_listeners(database, old, timeout=10)
     set_status(execution_id, "completed")

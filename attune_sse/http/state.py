@@ -14,8 +14,9 @@ from flask import current_app
 from attune_sse.config import Config
 from attune_sse.core.hub import Hub
 from attune_sse.runtime.access import AccessControl
-from attune_sse.runtime.listener import Listener
+from attune_sse.runtime.feed import Feed
 from attune_sse.runtime.metrics import Metrics
+from attune_sse.runtime.relay import Relay
 from attune_sse.storage.db import Pool
 
 EXTENSION = "attune_sse"
@@ -28,7 +29,8 @@ class AppState:
     config: Config
     pool: Pool
     hub: Hub
-    listener: Listener
+    feed: Feed  # messages in, to the hub
+    relay: Relay  # this worker's place in its instance: leader (runs the listener) or follower
     metrics: Metrics
     access: AccessControl
     backlog_pool: Pool  # resumes read the record here, so they cannot take REST's connections
@@ -37,7 +39,7 @@ class AppState:
     def shutdown(self, reason: str = "shutdown") -> int:
         """End every stream and stop listening; return how many streams were open."""
         open_streams = self.hub.close(reason)
-        self.listener.stop()
+        self.relay.stop()
         for greenlet in self.background:
             greenlet.kill(block=False)
         self.pool.close()

@@ -18,6 +18,7 @@ from typing import Any
 from gunicorn.glogging import Logger
 
 from attune_sse.config import ENV_PREFIX, Config, check_production, load_config
+from attune_sse.runtime.relay import RELAY_DIR_ENV
 from attune_sse.storage.db import make_psycopg2_green, start_database
 from attune_sse.storage.migrate import apply_migrations
 
@@ -28,7 +29,8 @@ _URL_ENV = ENV_PREFIX + "DATABASE__URL"
 _embedded: dict[str, Any] = {}
 # Set in on_starting, before any worker imports prometheus_client (see metrics.py).
 _METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_metrics_dir: dict[str, Path] = {}
+# Folders the master made and removes on exit: metrics ("owned"), relay.
+_folders: dict[str, Path] = {}
 
 
 def _escape(text: str) -> str:
@@ -75,7 +77,11 @@ def on_starting(server: Any) -> None:
     config = load_config()
     check_production(config)
     _raise_open_file_limit(config["server.worker_connections"])
-    _prepare_metrics_dir()
+    _prepare_folders()
+    # The instance's relay folder: its workers elect the one that LISTENs for all (runtime/relay.py).
+    relay_dir = tempfile.mkdtemp(prefix="attune-sse-relay-")
+    _folders["relay"] = Path(relay_dir)
+    os.environ[RELAY_DIR_ENV] = relay_dir
     if config["database.url"] == "embedded":
         # Printed whatever the log level: a first start takes a few seconds.
         print(f"attune-sse: starting the embedded PostgreSQL in {config['database.data_dir']}...",
@@ -105,9 +111,9 @@ def on_exit(server: Any) -> None:
     embedded = _embedded.pop("server", None)
     if embedded is not None:
         embedded.stop()
-    owned = _metrics_dir.pop("owned", None)
-    if owned is not None:
-        shutil.rmtree(owned, ignore_errors=True)
+    for folder in (_folders.pop("owned", None), _folders.pop("relay", None)):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -131,7 +137,7 @@ def _raise_open_file_limit(connections: int) -> None:
                     "or a worker will refuse streams", soft, connections)
 
 
-def _prepare_metrics_dir() -> None:
+def _prepare_folders() -> None:
     """prometheus_client's multiprocess folder: the operator's (emptied) or a private one."""
     given = os.environ.get(_METRICS_ENV)
     if given:
@@ -141,7 +147,7 @@ def _prepare_metrics_dir() -> None:
             stale.unlink()
     else:
         folder = Path(tempfile.mkdtemp(prefix="attune-sse-metrics-"))
-        _metrics_dir["owned"] = folder
+        _folders["owned"] = folder
         os.environ[_METRICS_ENV] = str(folder)
 
 

@@ -1,0 +1,225 @@
+"""``events.fanout: redis``: one LISTEN per cluster, fan-out to every instance through a Redis stream.
+
+Each instance's leader (relay.py) runs a ``BrokerSource``: it reads the
+stream and hands every message to its own hub and its followers, and it
+stands for election as the cluster's *publisher*: the worker holding a
+PostgreSQL advisory lock (on a connection of its own, so the lock goes with the
+process) runs the only LISTEN of the cluster and appends its messages
+(feed.py) to the stream. When it dies, PostgreSQL drops the lock with its
+session and another instance's leader takes it within ``ELECTION_INTERVAL``; it
+goes on from the newest position in the stream, reading the record after it.
+
+Entry ids are ``<event position>-<n>``, so the stream's order is the record's,
+and Redis refuses an entry from a publisher that is behind the stream (two
+publishers for a moment cost nothing). Whatever the stream loses (a broker
+restarted without its data, entries trimmed past ``events.redis_maxlen``), an
+instance notices from the next message's ``after`` and reads the hole from the
+record; the event id stays the SSE id and resumes read the record as always.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import zlib
+from typing import Any
+
+import gevent
+import psycopg2
+
+from attune_sse.config import Config
+from attune_sse.runtime.feed import SILENCE_LIMIT, Message, encode
+from attune_sse.runtime.listener import Listener
+from attune_sse.runtime.relay import Broadcast, Relay
+from attune_sse.storage.db import connect
+
+log = logging.getLogger(__name__)
+
+LEADER_APPLICATION_NAME = "attune-sse-leader"
+ELECTION_INTERVAL = 1.0  # s between tries for the cluster's lock
+READ_BLOCK_MS = 1000
+READ_COUNT = 500
+_LAST_SEQ = 2**64 - 1
+
+
+def _redis(config: Config) -> Any:
+    import redis  # only with events.fanout: redis (the optional dependency)
+
+    return redis.Redis.from_url(config["events.redis_url"], socket_connect_timeout=2.0,
+                                socket_timeout=READ_BLOCK_MS / 1000 + 3.0, socket_keepalive=True)
+
+
+def _position_of(entry_id: bytes | str) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(text.split("-", 1)[0])
+
+
+class BrokerSource:
+    """An instance leader's source: the Redis stream in, its hub and followers out; and a candidate
+    for the cluster's publisher."""
+
+    def __init__(self, config: Config, url: str, relay: Relay, **listener_settings: Any) -> None:
+        import redis
+
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
+        self.relay = relay
+        self.key = config["events.redis_stream"]
+        self.redis = _redis(config)
+        self.connected = False
+        self.publisher = Publisher(config, url, **listener_settings)
+        self._greenlets = [gevent.spawn(self._read), gevent.spawn(self.publisher.run)]
+
+    @property
+    def listener(self) -> Listener | None:
+        return self.publisher.listener
+
+    def beat(self) -> None:
+        """While the stream is silent, followers still hear from their leader (events do not flow)."""
+        feed = self.relay.feed
+        if feed.position is not None and time.monotonic() - feed.last_message >= SILENCE_LIMIT:
+            message = Message(after=feed.position, to=feed.position, ok=False)
+            self.relay.deliver(message, encode(message))
+
+    def _read(self) -> None:
+        feed = self.relay.feed
+        # From where this worker is (it may have followed another leader); a new instance from now on.
+        last_id = f"{feed.position}-0" if feed.position is not None else "$"
+        failures = 0
+        while True:
+            try:
+                reply = self.redis.xread({self.key: last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
+            except self._errors as exc:
+                self.connected = False
+                failures += 1
+                if failures == 1:
+                    log.warning("broker: reading %s from Redis failed (%s); events are not being received; "
+                                "retrying", self.key, exc)
+                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                if feed.position is not None:
+                    # The broker may have come back empty (entry ids restart below ours): read
+                    # everything at or after our position, duplicates are dropped by the feed.
+                    last_id = f"{max(feed.position - 1, 0)}-{_LAST_SEQ}"
+                continue
+            if failures:
+                log.warning("broker: reading %s from Redis again after %d failed attempt(s)", self.key, failures)
+                failures = 0
+            self.connected = True
+            for _key, entries in reply or ():
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    data = fields.get(b"m")
+                    if data is None:
+                        continue
+                    try:
+                        self.relay.deliver_raw(data)
+                    except (ValueError, KeyError) as exc:
+                        log.warning("broker: skipped entry %s of %s, not a message of ours (%s)", entry_id,
+                                    self.key, exc)
+
+    def stop(self) -> None:
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
+        self.publisher.stop()
+
+
+class Publisher:
+    """Stands for the cluster's lock; while it holds it, LISTENs and appends every message to the stream."""
+
+    def __init__(self, config: Config, url: str, **listener_settings: Any) -> None:
+        import redis
+
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
+        self._refused = redis.ResponseError
+        self.url = url
+        self.key = config["events.redis_stream"]
+        self.maxlen = config["events.redis_maxlen"]
+        self.lock_key = zlib.crc32(f"attune-sse publisher of {self.key}".encode())
+        self.redis = _redis(config)
+        self.listener_settings = listener_settings
+        self.listener: Listener | None = None
+        self.leading = False
+
+    def run(self) -> None:
+        while True:
+            conn = None
+            try:
+                conn = connect(self.url, application_name=LEADER_APPLICATION_NAME, autocommit=True)
+                while not self._try_lock(conn):
+                    gevent.sleep(ELECTION_INTERVAL * random.uniform(0.8, 1.0))
+                self._lead(conn)
+            except (psycopg2.Error, OSError) as exc:
+                log.warning("broker: the publisher's database connection failed (%s); standing again",
+                            str(exc).strip() or type(exc).__name__)
+            finally:
+                self._stop_listener()
+                if conn is not None and not conn.closed:
+                    conn.close()
+            gevent.sleep(ELECTION_INTERVAL)
+
+    def _try_lock(self, conn: Any) -> bool:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (self.lock_key,))
+            return bool(cur.fetchone()[0])
+
+    def _lead(self, conn: Any) -> None:
+        position = self._stream_position()
+        log.warning("broker: this worker publishes the cluster's events to Redis stream %s, from event %s",
+                    self.key, position if position is not None else "(the newest)")
+        self.leading = True
+        listener = None
+        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position)
+        listener = Listener(self.url, broadcast, **self.listener_settings)  # type: ignore[arg-type]
+        listener.position = position
+        self.listener = listener.start()
+        while True:
+            gevent.sleep(1.0)
+            broadcast.beat()
+            with gevent.Timeout(5.0, OSError("the lock's connection did not answer in 5s")), conn.cursor() as cur:
+                cur.execute("SELECT 1")  # a lost connection is a lost lock: stop publishing
+
+    def _stream_position(self) -> int | None:
+        failures = 0
+        while True:
+            try:
+                top = self.redis.xrevrange(self.key, count=1)
+                return _position_of(top[0][0]) if top else None
+            except self._errors as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("broker: the publisher cannot reach Redis (%s); waiting for it", exc)
+                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+
+    def _append(self, message: Message, data: bytes) -> None:
+        """One entry per message. Events wait for Redis (the listener holds its position meanwhile);
+        a heartbeat that cannot be written is dropped."""
+        failures = 0
+        while True:
+            try:
+                self.redis.xadd(self.key, {"m": data}, id=f"{message.to}-*", maxlen=self.maxlen, approximate=True)
+                if failures:
+                    log.warning("broker: writing to Redis again after %d failed attempt(s)", failures)
+                return
+            except self._refused as exc:
+                if "equal or smaller" in str(exc):
+                    return  # the stream is past this message: another publisher wrote it, or newer ones
+                raise
+            except self._errors as exc:
+                if message.after == message.to and not message.events and not message.reset:
+                    return
+                failures += 1
+                if failures == 1:
+                    log.warning("broker: writing to Redis failed (%s); events wait in the record until it "
+                                "answers", exc)
+                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+
+    def _stop_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+        if self.leading:
+            log.warning("broker: this worker no longer publishes the cluster's events")
+        self.leading = False
+
+    def stop(self) -> None:
+        self._stop_listener()

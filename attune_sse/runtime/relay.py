@@ -1,0 +1,283 @@
+"""One listener per instance: the workers of one gunicorn instance elect a leader that reads for all.
+
+PostgreSQL signals every listening backend on each commit that notifies, so
+each LISTEN taxes every write of an execution. The workers of an instance
+therefore share one: each worker tries an exclusive ``flock`` on a file in the
+instance's relay folder (made by the master, hooks.py); the one that holds it
+is the *leader*. It runs the source of events (the LISTEN of listener.py, or a
+broker subscription, broker.py) and serves the resulting messages (feed.py)
+to the other workers, the *followers*, over a Unix socket in the same folder.
+
+The kernel drops a dead process's lock at once: when the leader exits or is
+killed, its followers see the socket close, race for the lock, and the winner
+leads from its own position (it reads the record after it, so nothing is
+lost); the others follow it and fill any hole from the record. A follower
+that hears nothing (not even the leader's heartbeat, each second) for a while
+reconnects. A follower too slow to take messages is dropped and comes back
+with a fill. Each worker's ``/readyz`` says whether messages reach it.
+
+Without a relay folder (the app made outside gunicorn) or with
+``events.listen_per: worker``, each worker leads itself, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import random
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.queue
+from gevent.server import StreamServer
+
+from attune_sse.core.event import ExecutionEvent
+from attune_sse.runtime.feed import BEAT_INTERVAL, SILENCE_LIMIT, Feed, Message, decode, encode
+from attune_sse.runtime.listener import Listener
+
+log = logging.getLogger(__name__)
+
+RELAY_DIR_ENV = "ATTUNE_SSE_RELAY_DIR"
+LOCK_FILE = "leader.lock"
+SOCKET_FILE = "relay.sock"
+FOLLOWER_QUEUE = 10000  # messages a follower may be behind before it is dropped (it fills from the record)
+_LENGTH = struct.Struct("!I")
+
+
+class Broadcast:
+    """Where a listener publishes (it takes the hub's place): each call becomes one message, encoded
+    once and handed to ``deliver``. Its position is the last one delivered."""
+
+    def __init__(self, deliver: Callable[[Message, bytes], None], connected: Callable[[], bool],
+                 position: int | None = None) -> None:
+        self.deliver = deliver
+        self.connected = connected
+        self.position = position
+
+    def _send(self, message: Message) -> None:
+        self.deliver(message, encode(message))
+        self.position = message.to
+
+    def publish_batch(self, events: list[ExecutionEvent]) -> None:
+        after = self.position if self.position is not None else events[0].event_id - 1
+        self._send(Message(after=after, to=events[-1].event_id, events=events, ok=True))
+
+    def advance(self, position: int) -> None:
+        if self.position is None or position > self.position:
+            self._send(Message(after=self.position if self.position is not None else position, to=position))
+
+    def reset(self, frame: bytes, position: int) -> None:
+        self._send(Message(after=position, to=position, reset=frame))
+
+    def beat(self) -> None:
+        """A message that only says the leader is alive, where it is, and whether its source is connected."""
+        if self.position is not None:
+            self._send(Message(after=self.position, to=self.position, ok=self.connected()))
+
+
+class Followers:
+    """The leader's side of the Unix socket: every message goes to every follower, in order."""
+
+    def __init__(self, path: Path, hello: Callable[[], bytes | None]) -> None:
+        self.path = path
+        self.hello = hello  # the first message a new follower gets (where the leader is), if any yet
+        self.queues: set[gevent.queue.Queue] = set()
+        self.dropped = 0
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(128)
+        self.server = StreamServer(listener, self._serve)
+        self.server.start()
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def send(self, data: bytes) -> None:
+        frame = _LENGTH.pack(len(data)) + data
+        for q in list(self.queues):
+            try:
+                q.put_nowait(frame)
+            except gevent.queue.Full:
+                self.queues.discard(q)
+                q.queue.clear()
+                q.put_nowait(None)  # its writer closes the connection; the follower fills from the record
+                self.dropped += 1
+                log.warning("relay: a follower fell %d messages behind and was dropped; it reconnects and "
+                            "reads what it missed from the record", FOLLOWER_QUEUE)
+
+    def _serve(self, sock: socket.socket, _address: Any) -> None:
+        q: gevent.queue.Queue = gevent.queue.Queue(FOLLOWER_QUEUE)
+        hello = self.hello()
+        if hello is not None:
+            q.put_nowait(_LENGTH.pack(len(hello)) + hello)
+        self.queues.add(q)
+        try:
+            while True:
+                frame = q.get()
+                if frame is None:
+                    return
+                sock.sendall(frame)
+        except OSError:
+            pass  # the follower went away
+        finally:
+            self.queues.discard(q)
+            sock.close()
+
+    def close(self) -> None:
+        self.server.stop(timeout=0.5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Relay:
+    """This worker's place in its instance: leader (runs the source) or follower (reads the leader)."""
+
+    def __init__(self, feed: Feed, make_source: Callable[[Relay], Any], relay_dir: str | None) -> None:
+        self.feed = feed
+        self.make_source = make_source  # called once this worker leads; returns an object with stop()
+        self.relay_dir = Path(relay_dir) if relay_dir else None
+        self.role = "electing"
+        self.followers: Followers | None = None
+        self.source: Any = None  # made once this worker leads: ListenerSource, or broker.BrokerSource
+        self.elections = 0  # times this worker took the lead
+        self._lock_fd: int | None = None
+        self._greenlets: list[gevent.Greenlet] = []
+
+    def start(self) -> Relay:
+        self._greenlets.append(gevent.spawn(self._run))
+        return self
+
+    def stop(self) -> None:
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
+        if self.source is not None:
+            self.source.stop()
+        if self.followers is not None:
+            self.followers.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def deliver(self, message: Message, data: bytes) -> None:
+        """The leader's way out: its own hub, then every follower."""
+        self.feed.apply(message)
+        if self.followers is not None:
+            self.followers.send(data)
+
+    def deliver_raw(self, data: bytes) -> None:
+        """As ``deliver``, for a message that arrived encoded (from a broker)."""
+        self.deliver(decode(data), data)
+
+    # -- election ----------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.relay_dir is None:
+            self._lead()
+            return
+        while True:
+            if self._try_lock():
+                self._lead()
+                return
+            self._follow()
+            gevent.sleep(random.uniform(0.02, 0.1))
+
+    def _try_lock(self) -> bool:
+        fd = os.open(self.relay_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._lock_fd = fd
+        return True
+
+    def _lead(self) -> None:
+        self.elections += 1
+        was = self.role
+        self.role = "leader"
+        if self.relay_dir is not None:
+            self.followers = Followers(self.relay_dir / SOCKET_FILE, self._hello)
+            log.info("relay: worker %d leads its instance%s, from event %s", os.getpid(),
+                     " (the previous leader is gone)" if was == "follower" else "", self.feed.position)
+        self.source = self.make_source(self)
+        while True:
+            gevent.sleep(BEAT_INTERVAL)
+            beat = getattr(self.source, "beat", None)
+            if beat is not None:
+                beat()
+
+    def _hello(self) -> bytes | None:
+        if self.feed.position is None:
+            return None
+        return encode(Message(after=self.feed.position, to=self.feed.position, ok=self.feed.upstream_ok))
+
+    def _follow(self) -> None:
+        """Read the leader until its socket closes or goes silent."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.relay_dir / SOCKET_FILE))
+        except OSError:
+            sock.close()  # no leader serving yet (it is starting, or just died): elect again
+            return
+        if self.role != "follower":
+            log.info("relay: worker %d follows its instance's leader", os.getpid())
+        self.role = "follower"
+        sock.settimeout(SILENCE_LIMIT * 2)
+        try:
+            while True:
+                (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
+                self.feed.apply(decode(_read_exactly(sock, length)))
+        except (OSError, EOFError, ValueError) as exc:
+            log.warning("relay: worker %d lost its instance's leader (%s); electing again", os.getpid(),
+                        type(exc).__name__ if not str(exc) else exc)
+        finally:
+            sock.close()
+
+    @property
+    def listener(self) -> Listener | None:
+        """This worker's LISTEN, if it holds one (it leads, and the source is PostgreSQL)."""
+        return getattr(self.source, "listener", None)
+
+    def stats(self) -> dict[str, Any]:
+        return {"role": self.role, "elections": self.elections,
+                "followers": len(self.followers) if self.followers is not None else 0,
+                "followers_dropped": self.followers.dropped if self.followers is not None else 0}
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the leader closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class ListenerSource:
+    """The leader's source with ``events.fanout: postgres``: a LISTEN of its own, publishing through ``relay``."""
+
+    def __init__(self, url: str, relay: Relay, **settings: Any) -> None:
+        self.broadcast = Broadcast(relay.deliver, lambda: self.listener.connected, relay.feed.position)
+        self.listener = Listener(url, self.broadcast, **settings)  # type: ignore[arg-type]
+        # A worker that followed goes on from what it has: the listener reads the record after it.
+        self.listener.position = relay.feed.position
+        self.listener.start()
+
+    def beat(self) -> None:
+        self.broadcast.beat()
+
+    def stop(self) -> None:
+        self.listener.stop()
