@@ -20,7 +20,9 @@ record; the event id stays the SSE id and resumes read the record as always.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 import zlib
 from typing import Any
@@ -36,7 +38,8 @@ from attune_sse.storage.db import connect
 
 log = logging.getLogger(__name__)
 
-LEADER_APPLICATION_NAME = "attune-sse-leader"
+LEADER_APPLICATION_NAME = "attune-sse-leader"  # a candidate's connection; the winner's says publisher, its pid
+PUBLISHER_APPLICATION_NAME = "attune-sse-publisher"
 ELECTION_INTERVAL = 1.0  # s between tries for the cluster's lock
 READ_BLOCK_MS = 1000
 READ_COUNT = 500
@@ -163,6 +166,9 @@ class Publisher:
             return bool(cur.fetchone()[0])
 
     def _lead(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT set_config('application_name', %s, false)",
+                        (f"{PUBLISHER_APPLICATION_NAME} pid={os.getpid()} host={socket.gethostname()}"[:63],))
         position = self._stream_position()
         log.warning("broker: this worker publishes the cluster's events to Redis stream %s, from event %s",
                     self.key, position if position is not None else "(the newest)")

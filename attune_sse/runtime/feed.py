@@ -107,27 +107,30 @@ class Feed:
         self.hub.advance(self.position)
 
     def _fill(self, through: int) -> None:
-        """Events after the position up to ``through`` (every id of which the leader resolved) from the record."""
+        """Events after the position up to ``through`` (every id of which the leader resolved) from the record,
+        a page at a time."""
         start = self.position
-        with self.backlog_pool.cursor() as cur:
+        with self.backlog_pool.cursor(dict_rows=False) as cur:
             horizon = record.pruned_to(cur)
-            if horizon > self.position:
-                log.warning("feed: events %d..%d were pruned before this worker published them; "
-                            "telling its clients to reload", self.position + 1, horizon)
-                self.position = min(horizon, through)
-                self.hub.reset(reset_frame("events you missed were pruned (retention)", self.position),
-                               self.position)
-            while self.position < through:
+        if horizon > self.position:
+            log.warning("feed: events %d..%d were pruned before this worker published them; "
+                        "telling its clients to reload", self.position + 1, horizon)
+            self.position = min(horizon, through)
+            self.hub.reset(reset_frame("events you missed were pruned (retention)", self.position), self.position)
+        while self.position < through:
+            with self.backlog_pool.cursor(dict_rows=False) as cur:
                 page = record.events_after(cur, self.position, through=through)
-                if page.events:
-                    self.hub.publish_batch(page.events)
-                    self.received += len(page.events)
-                    self.filled += len(page.events)
-                if not page.full:
-                    break
+                if page.large:
+                    self.backlog_pool.retire(cur.connection)
+            if page.events:
+                self.hub.publish_batch(page.events)
+                self.received += len(page.events)
+                self.filled += len(page.events)
                 self.position = page.events[-1].event_id
+            if not page.full:
+                break
         self.position = through
-        log.info("feed: read events %d..%d from the record (they did not come through the relay)",
+        log.info("feed: read events %d..%d from the record (they did not come through the relay or broker)",
                  start + 1, through)
 
     def stats(self) -> dict[str, Any]:

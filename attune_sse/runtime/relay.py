@@ -149,6 +149,7 @@ class Relay:
         self.followers: Followers | None = None
         self.source: Any = None  # made once this worker leads: ListenerSource, or broker.BrokerSource
         self.elections = 0  # times this worker took the lead
+        self.leader_pid: int | None = None
         self._lock_fd: int | None = None
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -200,12 +201,15 @@ class Relay:
                 return False
             raise
         self._lock_fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())  # who leads, for followers' /readyz and for operators
         return True
 
     def _lead(self) -> None:
         self.elections += 1
         was = self.role
         self.role = "leader"
+        self.leader_pid = os.getpid()
         if self.relay_dir is not None:
             self.followers = Followers(self.relay_dir / SOCKET_FILE, self._hello)
             log.info("relay: worker %d leads its instance%s, from event %s", os.getpid(),
@@ -230,8 +234,12 @@ class Relay:
         except OSError:
             sock.close()  # no leader serving yet (it is starting, or just died): elect again
             return
+        try:
+            self.leader_pid = int((self.relay_dir / LOCK_FILE).read_text() or 0) or None
+        except (OSError, ValueError):
+            self.leader_pid = None
         if self.role != "follower":
-            log.info("relay: worker %d follows its instance's leader", os.getpid())
+            log.info("relay: worker %d follows its instance's leader, worker %s", os.getpid(), self.leader_pid)
         self.role = "follower"
         sock.settimeout(SILENCE_LIMIT * 2)
         try:
@@ -250,7 +258,7 @@ class Relay:
         return getattr(self.source, "listener", None)
 
     def stats(self) -> dict[str, Any]:
-        return {"role": self.role, "elections": self.elections,
+        return {"role": self.role, "leader_pid": self.leader_pid, "elections": self.elections,
                 "followers": len(self.followers) if self.followers is not None else 0,
                 "followers_dropped": self.followers.dropped if self.followers is not None else 0}
 

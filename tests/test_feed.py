@@ -1,0 +1,101 @@
+"""A worker's feed, in this process against the real PostgreSQL: holes are read from the record, nothing twice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2.extensions
+import pytest
+
+from attune_sse.core.event import ExecutionEvent, reset_frame
+from attune_sse.core.hub import Hub
+from attune_sse.runtime.feed import Feed, Message, decode, encode
+from attune_sse.storage import record
+from attune_sse.storage.db import Pool, make_psycopg2_green
+
+
+@pytest.fixture
+def pool(database: Any) -> Iterator[Pool]:
+    make_psycopg2_green()
+    pool = Pool(database.url, 2)
+    yield pool
+    pool.close()
+    psycopg2.extensions.set_wait_callback(None)
+
+
+def recorded(pool: Pool, after: int) -> list[ExecutionEvent]:
+    with pool.cursor(dict_rows=False) as cur:
+        return record.events_after(cur, after).events
+
+
+def drain(sub: Any) -> list[ExecutionEvent]:
+    events = []
+    while batch := sub.next_batch(0.2):
+        events.extend(batch)
+    return events
+
+
+def test_a_message_after_a_hole_reads_the_hole_from_the_record_and_drops_repeats(
+    pool: Pool, database: Any, new_execution: Any, set_status: Any
+) -> None:
+    ((start,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+    execution_id = new_execution()
+    for status in ("scheduling", "scheduled", "running", "completed", "failed", "timeout"):
+        set_status(execution_id, status)
+    events = [e for e in recorded(pool, start) if e.entity_id == execution_id]
+    assert len(events) == 7
+    hub = Hub()
+    sub = hub.subscribe()
+    feed = Feed(hub, pool)
+
+    feed.apply(Message(after=start, to=start))  # the leader says where it is
+    # The relay lost the first four events (a leader died, a broker restarted empty): the next
+    # message follows the fourth. The feed reads 1-4 from the record, then publishes 5-7.
+    feed.apply(Message(after=events[3].event_id, to=events[6].event_id, events=events[4:]))
+    # A new leader starting a little behind resends 6-7, then goes on.
+    feed.apply(Message(after=events[4].event_id, to=events[6].event_id, events=events[5:]))
+    got = drain(sub)
+    assert [e.event_id for e in got] == [e.event_id for e in events]
+    assert [e.frame for e in got] == [e.frame for e in events], "the record's frames, byte for byte"
+    assert feed.filled == 4 and feed.received == 7 and feed.position == events[6].event_id
+    assert hub.position == events[6].event_id
+
+    # A reset goes to the clients as it came, and the position follows it.
+    frame = reset_frame("the database went back in time: reload", events[2].event_id)
+    feed.apply(Message(after=events[2].event_id, to=events[2].event_id, reset=frame))
+    assert [e.frame for e in drain(sub)] == [frame]
+    assert feed.position == events[2].event_id
+
+
+def test_a_hole_already_pruned_tells_clients_to_reload(
+    pool: Pool, database: Any, new_execution: Any, set_status: Any
+) -> None:
+    execution_id = new_execution()
+    set_status(execution_id, "running")
+    ((newest,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    ((horizon,),) = database.query("SELECT pruned_to FROM attune.execution_event_horizon")
+    hub = Hub()
+    sub = hub.subscribe()
+    feed = Feed(hub, pool)
+    feed.apply(Message(after=newest - 2, to=newest - 2))
+    # The event before the newest is pruned before the feed got it: a hole it cannot fill.
+    database.query("UPDATE attune.execution_event_horizon SET pruned_to = %s", (newest - 1,))
+    try:
+        feed.apply(Message(after=newest, to=newest))
+    finally:
+        database.query("UPDATE attune.execution_event_horizon SET pruned_to = %s", (horizon,))
+    got = drain(sub)
+    assert b"event: reset" in got[0].frame and b"pruned" in got[0].frame
+    assert [e.event_id for e in got[1:]] == [newest], "what is left after the horizon follows the reset"
+    assert feed.position == newest
+
+
+def test_messages_keep_every_byte_of_their_events() -> None:
+    events = [ExecutionEvent.from_record(7, 3, '{"x":"\u00e9\\n"}'.encode(), 1.5, "pack.a"),
+              ExecutionEvent.from_record(9, 4, b'{"y":' + b"1" * 70000 + b"}", 2.5, "")]
+    message = Message(after=6, to=9, events=events, ok=False, sent_at=3.0)
+    back = decode(encode(message))
+    assert back == message
+    with pytest.raises(ValueError):
+        decode(encode(message) + b"extra")
