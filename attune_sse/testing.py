@@ -2,7 +2,8 @@
 
 Like ``flask.testing``, this is support code, not part of the pipeline: it
 starts ``gunicorn -c gunicorn.conf.py`` with a config file it writes, waits
-until every worker's listener is connected, and stops it.
+until events reach every worker (its instance's listener, or the broker, is
+connected and relays to it), and stops it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def listeners_connected(self) -> bool:
-        """/metrics counts a connected listener for every worker of this instance."""
+        """/metrics counts every worker of this instance as one whose events flow."""
         token = self.config.get("security", {}).get("metrics_token")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
@@ -82,7 +83,7 @@ class ServerProcess:
         return match is not None and float(match.group(1)) >= self.workers
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """/readyz answers 200 and every worker's listener is connected."""
+        """/readyz answers 200 and events reach every worker."""
         self.gunicorn.wait_ready(self.base_url + "/readyz", timeout, ready=self.listeners_connected,
                                  why=lambda: "\n" + self.log()[-3000:],
                                  cafile=self.config["server"].get("certfile") or None)

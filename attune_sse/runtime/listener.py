@@ -1,6 +1,9 @@
 """The LISTEN greenlet: doorbells in, events from the record out to the hub.
 
-One per worker process. It owns its connection (autocommit, never shared)
+One per instance, in the worker that leads it (relay.py), or one per cluster
+with a broker (broker.py); it publishes to whatever takes the hub's place there
+(``hub`` is anything with ``publish_batch``, ``advance`` and ``reset``: the
+relay's ``Broadcast``, or a plain Hub in tests). It owns its connection (autocommit, never shared)
 and waits with ``poll()`` made cooperative by gevent. A notification is only
 a doorbell: on each wake-up the listener reads the record after its
 *position* and publishes what it finds, in pages (record.py). What a

@@ -7,7 +7,7 @@ sets it); ATTUNE__SECTION__KEY variables override its keys.
 Worker life cycle: the master starts the embedded PostgreSQL if asked and
 applies migrations; each worker is forked, patched for gevent (monkey patching
 by the gevent worker, psycopg2 by ``post_fork``), then builds the app, which
-starts its own LISTEN greenlet (``preload_app = False``). When a worker is told
+joins the instance's relay: one worker leads and LISTENs for all (``preload_app = False``). When a worker is told
 to stop, its streams end at once, so a restart waits for nothing.
 """
 
@@ -37,7 +37,7 @@ worker_class = "gevent"
 worker_connections = _config["server.worker_connections"]
 # Room for a burst of reconnects (clients of a restarted instance); the kernel caps it at somaxconn.
 backlog = 4096
-# The app, and with it the LISTEN connection, is made in each worker after fork.
+# The app, and with it the relay (and the LISTEN of the worker that leads), is made in each worker after fork.
 preload_app = False
 # For gevent workers this is not a request timeout (streams last for hours): it is
 # the heartbeat. The worker's main greenlet notifies the master every second; a
