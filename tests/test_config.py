@@ -79,6 +79,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     ("database: {url: embedded}\nsecurity: {jwt_secret: s}\nlog: {level: loud}\n", "log.level"),
     ("database: {url: embedded}\nsecurity: {jwt_secret: s}\nserver: {sse_keepalive_seconds: 0}\n",
      "server.sse_keepalive_seconds"),
+    ("database: {url: embedded}\nsecurity: {jwt_secret: s}\nevents: {fanout: redis}\n", "events.redis_url"),
+    ("database: {url: embedded}\nsecurity: {jwt_secret: s}\nevents: {fanout: redis, redis_url: 'http://r'}\n",
+     "events.redis_url"),
+    ("database: {url: embedded}\nsecurity: {jwt_secret: s}\nevents: {listen_per: machine}\n", "events.listen_per"),
     ("[1, 2]\n", "config"),
     ("a: [unclosed\n", "config"),
 ])
