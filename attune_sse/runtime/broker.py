@@ -53,6 +53,12 @@ def _redis(config: Config) -> Any:
                                 socket_timeout=READ_BLOCK_MS / 1000 + 3.0, socket_keepalive=True)
 
 
+def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _position_of(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.split("-", 1)[0])
@@ -87,11 +93,15 @@ class BrokerSource:
     def _read(self) -> None:
         feed = self.relay.feed
         # From where this worker is (it may have followed another leader); a new instance from now on.
-        last_id = f"{feed.position}-0" if feed.position is not None else "$"
+        last_id: Any = f"{feed.position}-0" if feed.position is not None else "$"
         failures = 0
+        last_entry = time.monotonic()
         while True:
             try:
                 reply = self.redis.xread({self.key: last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
+                if not reply and time.monotonic() - last_entry > SILENCE_LIMIT and self._went_back(last_id):
+                    last_id = "0-0"
+                    continue
             except self._errors as exc:
                 self.connected = False
                 failures += 1
@@ -110,15 +120,35 @@ class BrokerSource:
             self.connected = True
             for _key, entries in reply or ():
                 for entry_id, fields in entries:
-                    last_id = entry_id
+                    last_entry = time.monotonic()
                     data = fields.get(b"m")
-                    if data is None:
-                        continue
                     try:
-                        self.relay.deliver_raw(data)
+                        if data is not None:
+                            self.relay.deliver_raw(data)
                     except (ValueError, KeyError) as exc:
                         log.warning("broker: skipped entry %s of %s, not a message of ours (%s)", entry_id,
                                     self.key, exc)
+                    except Exception as exc:
+                        # Reading a hole from the record failed: the position has not passed it; read
+                        # this entry again in a moment, and the hole with it.
+                        log.warning("broker: could not read what the stream left out from the record (%s); "
+                                    "retrying", str(exc).strip() or type(exc).__name__)
+                        gevent.sleep(1.0)
+                        last_id = f"{max((feed.position or 1) - 1, 0)}-{_LAST_SEQ}"
+                        break
+                    last_id = entry_id
+
+    def _went_back(self, last_id: Any) -> bool:
+        """Whether the stream now ends below where this reader is: the publisher started it over after
+        the database went back in time (see Publisher._append). Read from its start, then."""
+        if last_id == "$":
+            return False
+        top = self.redis.xrevrange(self.key, count=1)
+        if not top or _entry_key(top[0][0]) >= _entry_key(last_id):
+            return False
+        log.warning("broker: stream %s now ends at %s, below this reader (%s): it was started over; "
+                    "reading it from the start", self.key, top[0][0], last_id)
+        return True
 
     def stop(self) -> None:
         for greenlet in self._greenlets:
@@ -134,6 +164,7 @@ class Publisher:
 
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self._refused = redis.ResponseError
+        self._redis_error = redis.RedisError
         self.url = url
         self.key = config["events.redis_stream"]
         self.maxlen = config["events.redis_maxlen"]
@@ -148,12 +179,20 @@ class Publisher:
             conn = None
             try:
                 conn = connect(self.url, application_name=LEADER_APPLICATION_NAME, autocommit=True)
+                with conn.cursor() as cur:
+                    # The server drops a vanished host's session, and with it the lock, within about
+                    # 15 s (by default it would wait for two hours of TCP keepalive).
+                    cur.execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; "
+                                "SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000")
                 while not self._try_lock(conn):
                     gevent.sleep(ELECTION_INTERVAL * random.uniform(0.8, 1.0))
                 self._lead(conn)
             except (psycopg2.Error, OSError) as exc:
                 log.warning("broker: the publisher's database connection failed (%s); standing again",
                             str(exc).strip() or type(exc).__name__)
+            except self._redis_error as exc:  # MISCONF, OOM, READONLY...: give the lock to another, later
+                log.error("broker: Redis refused the publisher (%s); standing again in 5s", exc)
+                gevent.sleep(5.0)
             finally:
                 self._stop_listener()
                 if conn is not None and not conn.closed:
@@ -207,9 +246,15 @@ class Publisher:
                     log.warning("broker: writing to Redis again after %d failed attempt(s)", failures)
                 return
             except self._refused as exc:
-                if "equal or smaller" in str(exc):
+                if "equal or smaller" not in str(exc):
+                    raise
+                if not message.reset:
                     return  # the stream is past this message: another publisher wrote it, or newer ones
-                raise
+                # The database went back in time (listener.py): its ids are below the stream's. Start
+                # the stream over with the reset; readers notice it ends below them (_went_back).
+                log.error("broker: the database went back to event %d, below stream %s: starting the stream "
+                          "over", message.to, self.key)
+                self.redis.delete(self.key)
             except self._errors as exc:
                 if message.after == message.to and not message.events and not message.reset:
                     return

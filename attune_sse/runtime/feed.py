@@ -81,6 +81,7 @@ class Feed:
         self.lag: float | None = None  # s from the last event's commit to its publication here
         self.upstream_ok = False
         self.last_message = 0.0  # time.monotonic() of the last message
+        self._last_reset: tuple[int, float] | None = None
 
     @property
     def flowing(self) -> bool:
@@ -91,8 +92,10 @@ class Feed:
         self.last_message = time.monotonic()
         self.upstream_ok = message.ok
         if message.reset:
-            self.position = message.to
-            self.hub.reset(message.reset, message.to)
+            if (message.to, message.sent_at) != self._last_reset:  # a broker re-read may bring it twice
+                self._last_reset = (message.to, message.sent_at)
+                self.position = message.to
+                self.hub.reset(message.reset, message.to)
             return
         if self.position is None:
             self.position = message.after  # a new worker starts where its first message does
@@ -108,25 +111,28 @@ class Feed:
 
     def _fill(self, through: int) -> None:
         """Events after the position up to ``through`` (every id of which the leader resolved) from the record,
-        a page at a time."""
+        a page at a time; a prune that overtakes the position (before or during) gives clients a reset."""
         start = self.position
-        with self.backlog_pool.cursor(dict_rows=False) as cur:
-            horizon = record.pruned_to(cur)
-        if horizon > self.position:
-            log.warning("feed: events %d..%d were pruned before this worker published them; "
-                        "telling its clients to reload", self.position + 1, horizon)
-            self.position = min(horizon, through)
-            self.hub.reset(reset_frame("events you missed were pruned (retention)", self.position), self.position)
         while self.position < through:
             with self.backlog_pool.cursor(dict_rows=False) as cur:
                 page = record.events_after(cur, self.position, through=through)
+                horizon = record.pruned_to(cur)  # read after the page: a prune that raced with it shows
                 if page.large:
                     self.backlog_pool.retire(cur.connection)
-            if page.events:
-                self.hub.publish_batch(page.events)
-                self.received += len(page.events)
-                self.filled += len(page.events)
-                self.position = page.events[-1].event_id
+            events = page.events
+            if horizon > self.position:
+                log.warning("feed: events %d..%d were pruned before this worker published them; "
+                            "telling its clients to reload", self.position + 1, min(horizon, through))
+                self.position = min(horizon, through)
+                self.hub.reset(reset_frame("events you missed were pruned (retention)", self.position),
+                               self.position)
+                events = [e for e in events if e.event_id > self.position]
+            if events:
+                self.hub.publish_batch(events)
+                self.received += len(events)
+                self.filled += len(events)
+                self.position = events[-1].event_id
+                self.lag = max(0.0, time.time() - events[-1].recorded_at)
             if not page.full:
                 break
         self.position = through

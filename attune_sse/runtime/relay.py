@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 RELAY_DIR_ENV = "ATTUNE_SSE_RELAY_DIR"
 LOCK_FILE = "leader.lock"
 SOCKET_FILE = "relay.sock"
-FOLLOWER_QUEUE = 10000  # messages a follower may be behind before it is dropped (it fills from the record)
+# What a follower may be behind before it is dropped (it reconnects and fills from the record).
+FOLLOWER_QUEUE = 10000  # messages
+FOLLOWER_BYTES = 64 * 1024 * 1024
 _LENGTH = struct.Struct("!I")
 
 
@@ -88,7 +90,7 @@ class Followers:
     def __init__(self, path: Path, hello: Callable[[], bytes | None]) -> None:
         self.path = path
         self.hello = hello  # the first message a new follower gets (where the leader is), if any yet
-        self.queues: set[gevent.queue.Queue] = set()
+        self.queues: dict[gevent.queue.Queue, int] = {}  # each follower's queue, and the bytes in it
         self.dropped = 0
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -104,32 +106,39 @@ class Followers:
     def send(self, data: bytes) -> None:
         frame = _LENGTH.pack(len(data)) + data
         for q in list(self.queues):
-            try:
-                q.put_nowait(frame)
-            except gevent.queue.Full:
-                self.queues.discard(q)
-                q.queue.clear()
-                q.put_nowait(None)  # its writer closes the connection; the follower fills from the record
-                self.dropped += 1
-                log.warning("relay: a follower fell %d messages behind and was dropped; it reconnects and "
-                            "reads what it missed from the record", FOLLOWER_QUEUE)
+            if self.queues[q] + len(frame) > FOLLOWER_BYTES or q.full():
+                self._drop(q)
+                continue
+            self.queues[q] += len(frame)
+            q.put_nowait(frame)
+
+    def _drop(self, q: gevent.queue.Queue) -> None:
+        del self.queues[q]
+        q.queue.clear()
+        q.put_nowait(None)  # its writer closes the connection; the follower fills from the record
+        self.dropped += 1
+        log.warning("relay: a follower fell more than %d messages or %d MiB behind and was dropped; it "
+                    "reconnects and reads what it missed from the record", FOLLOWER_QUEUE, FOLLOWER_BYTES >> 20)
 
     def _serve(self, sock: socket.socket, _address: Any) -> None:
         q: gevent.queue.Queue = gevent.queue.Queue(FOLLOWER_QUEUE)
         hello = self.hello()
+        self.queues[q] = 0
         if hello is not None:
             q.put_nowait(_LENGTH.pack(len(hello)) + hello)
-        self.queues.add(q)
+            self.queues[q] = _LENGTH.size + len(hello)
         try:
             while True:
                 frame = q.get()
                 if frame is None:
                     return
                 sock.sendall(frame)
+                if q in self.queues:
+                    self.queues[q] -= len(frame)
         except OSError:
             pass  # the follower went away
         finally:
-            self.queues.discard(q)
+            self.queues.pop(q, None)
             sock.close()
 
     def close(self) -> None:
@@ -160,13 +169,7 @@ class Relay:
     def stop(self) -> None:
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
-        if self.source is not None:
-            self.source.stop()
-        if self.followers is not None:
-            self.followers.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._step_down()
 
     def deliver(self, message: Message, data: bytes) -> None:
         """The leader's way out: its own hub, then every follower."""
@@ -181,18 +184,23 @@ class Relay:
     # -- election ----------------------------------------------------------
 
     def _run(self) -> None:
-        if self.relay_dir is None:
-            self._lead()
-            return
         while True:
-            if self._try_lock():
-                self._lead()
-                return
-            self._follow()
+            try:
+                if self.relay_dir is None or self._try_lock():
+                    self._lead()  # returns only if the lock file was taken from under it
+                else:
+                    self._follow()
+            except Exception:
+                # A bug or a source that cannot start: say so, let another worker try, stand again.
+                log.exception("relay: worker %d failed as %s; standing again in 1s", os.getpid(), self.role)
+                self._step_down()
+                gevent.sleep(1.0)
+                continue
             gevent.sleep(random.uniform(0.02, 0.1))
 
     def _try_lock(self) -> bool:
-        fd = os.open(self.relay_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = self.relay_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -200,6 +208,9 @@ class Relay:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
             raise
+        if not _same_file(fd, path):  # unlinked meanwhile (by whom?): a lock on it would be nobody's
+            os.close(fd)
+            return False
         self._lock_fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())  # who leads, for followers' /readyz and for operators
@@ -220,6 +231,29 @@ class Relay:
             beat = getattr(self.source, "beat", None)
             if beat is not None:
                 beat()
+            if self.relay_dir is not None and not self._still_ours():
+                log.error("relay: the instance's lock file or socket in %s was removed (a /tmp cleaner?); "
+                          "worker %d steps down and the workers elect again", self.relay_dir, os.getpid())
+                self._step_down()
+                return
+
+    def _still_ours(self) -> bool:
+        return (self._lock_fd is not None and _same_file(self._lock_fd, self.relay_dir / LOCK_FILE)
+                and (self.relay_dir / SOCKET_FILE).exists())
+
+    def _step_down(self) -> None:
+        if self.source is not None:
+            with contextlib.suppress(Exception):
+                self.source.stop()
+            self.source = None
+        if self.followers is not None:
+            with contextlib.suppress(Exception):
+                self.followers.close()
+            self.followers = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.role = "electing"
 
     def _hello(self) -> bytes | None:
         if self.feed.position is None:
@@ -245,7 +279,16 @@ class Relay:
         try:
             while True:
                 (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
-                self.feed.apply(decode(_read_exactly(sock, length)))
+                message = decode(_read_exactly(sock, length))
+                try:
+                    self.feed.apply(message)
+                except Exception as exc:
+                    # Reading a hole from the record failed (the database is down, the backlog pool
+                    # busy): the position has not passed it; the next hello brings the hole back.
+                    log.warning("relay: worker %d could not read what it missed from the record (%s); "
+                                "reconnecting to its leader", os.getpid(), str(exc).strip() or type(exc).__name__)
+                    gevent.sleep(0.5)
+                    return
         except (OSError, EOFError, ValueError) as exc:
             log.warning("relay: worker %d lost its instance's leader (%s); electing again", os.getpid(),
                         type(exc).__name__ if not str(exc) else exc)
@@ -261,6 +304,13 @@ class Relay:
         return {"role": self.role, "leader_pid": self.leader_pid, "elections": self.elections,
                 "followers": len(self.followers) if self.followers is not None else 0,
                 "followers_dropped": self.followers.dropped if self.followers is not None else 0}
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _read_exactly(sock: socket.socket, size: int) -> bytes:
