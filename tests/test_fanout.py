@@ -26,7 +26,7 @@ import sseclient
 from attune_sse.storage.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
-from helpers import wait_until
+from helpers import Stream, wait_until
 
 # Four instances start, a thousand updates, up to three takeovers: more than the suite's 120 s when the machine is busy.
 pytestmark = pytest.mark.timeout(300)
@@ -331,3 +331,39 @@ def test_restarting_the_broker_loses_and_repeats_nothing(
     assert all(len(c.workers) == 1 for group in clients.values() for c in group)
     for srv in instances:
         wait_until(lambda s=srv: internals(s) is not None, 10, "the instance to be ready again")
+
+
+def test_a_database_that_went_back_in_time_resets_every_instance_through_the_broker(
+    fleet: Any, redis_server: Any, database: Any, token: str, new_execution: Any, set_status: Any
+) -> None:
+    """As tests/test_resume.py's restore, with the cluster's one LISTEN publishing to Redis: the
+    stream is started over below where the readers are, and every instance follows."""
+    instances = fleet(events={"fanout": "redis", "redis_url": redis_server["url"]})
+    streams = [Stream(srv.base_url + "/api/v1/executions/stream", {"token": token})
+               for srv in instances for _ in range(2)]
+    wait_until(lambda: publisher_pid(database), 10, "a publisher")
+    execution_id = new_execution()
+    ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    for status in ("scheduling", "scheduled"):
+        set_status(execution_id, status)
+    for stream in streams:
+        stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
+    # The "restore", then the publisher's LISTEN reconnects to it.
+    old = database.listener_pids()
+    database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
+    database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
+    set_status(execution_id, "running")
+    database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
+    wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
+    set_status(execution_id, "completed")
+    for stream in streams:
+        events = stream.events_until(lambda e: e.get("entity_id") == execution_id
+                                     and e["data"]["status"] == "completed", timeout=20)
+        assert events[0].event == "reset" and int(events[0].id) == before
+        assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
+            [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
+    logs = "".join(srv.log() for srv in instances)
+    assert "starting the stream over" in logs
+    # Each instance learnt of the new history from the stream: its entries of the new history above
+    # where it had read, or (if none came) the stream's end below it.
+    assert "the history changed" in logs or "it was started over; reading it from the start" in logs

@@ -61,11 +61,22 @@ def test_a_message_after_a_hole_reads_the_hole_from_the_record_and_drops_repeats
     assert feed.filled == 4 and feed.received == 7 and feed.position == events[6].event_id
     assert hub.position == events[6].event_id
 
-    # A reset goes to the clients as it came, and the position follows it.
+    # A reset (a new history) goes to the clients as it came, and the position follows it; the
+    # same reset read again (a broker re-read) changes nothing.
     frame = reset_frame("the database went back in time: reload", events[2].event_id)
-    feed.apply(Message(after=events[2].event_id, to=events[2].event_id, reset=frame))
+    reset = Message(after=events[2].event_id, to=events[2].event_id, reset=frame, epoch=1, base=events[2].event_id)
+    feed.apply(reset)
+    feed.apply(reset)
     assert [e.frame for e in drain(sub)] == [frame]
     assert feed.position == events[2].event_id
+
+    # A worker that missed the next reset (to event 1 of the seven) learns of it from any message of
+    # the new history: its clients reload, and it reads the new history from the record.
+    feed.apply(Message(after=events[6].event_id, to=events[6].event_id, epoch=2, base=events[0].event_id))
+    got = drain(sub)
+    assert b"event: reset" in got[0].frame and int(got[0].event_id) == events[0].event_id
+    assert [e.event_id for e in got[1:]] == [e.event_id for e in events[1:]]
+    assert feed.epoch == 2 and feed.position == events[6].event_id
 
 
 def test_a_hole_already_pruned_tells_clients_to_reload(

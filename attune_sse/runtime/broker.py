@@ -31,7 +31,7 @@ import gevent
 import psycopg2
 
 from attune_sse.config import Config
-from attune_sse.runtime.feed import SILENCE_LIMIT, Message, encode
+from attune_sse.runtime.feed import SILENCE_LIMIT, Message, decode, encode
 from attune_sse.runtime.listener import Listener
 from attune_sse.runtime.relay import Broadcast, Relay
 from attune_sse.storage.db import connect
@@ -87,7 +87,8 @@ class BrokerSource:
         """While the stream is silent, followers still hear from their leader (events do not flow)."""
         feed = self.relay.feed
         if feed.position is not None and time.monotonic() - feed.last_message >= SILENCE_LIMIT:
-            message = Message(after=feed.position, to=feed.position, ok=False)
+            message = Message(after=feed.position, to=feed.position, ok=False, epoch=feed.epoch or 0,
+                              base=feed.base)
             self.relay.deliver(message, encode(message))
 
     def _read(self) -> None:
@@ -208,12 +209,12 @@ class Publisher:
         with conn.cursor() as cur:
             cur.execute("SELECT set_config('application_name', %s, false)",
                         (f"{PUBLISHER_APPLICATION_NAME} pid={os.getpid()} host={socket.gethostname()}"[:63],))
-        position = self._stream_position()
+        position, epoch, base = self._stream_position()
         log.warning("broker: this worker publishes the cluster's events to Redis stream %s, from event %s",
                     self.key, position if position is not None else "(the newest)")
         self.leading = True
         listener = None
-        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position)
+        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position, epoch, base)
         listener = Listener(self.url, broadcast, **self.listener_settings)  # type: ignore[arg-type]
         listener.position = position
         self.listener = listener.start()
@@ -223,12 +224,19 @@ class Publisher:
             with gevent.Timeout(5.0, OSError("the lock's connection did not answer in 5s")), conn.cursor() as cur:
                 cur.execute("SELECT 1")  # a lost connection is a lost lock: stop publishing
 
-    def _stream_position(self) -> int | None:
+    def _stream_position(self) -> tuple[int | None, int, int]:
+        """(position, epoch, base) of the stream's newest message: where the previous publisher was."""
         failures = 0
         while True:
             try:
                 top = self.redis.xrevrange(self.key, count=1)
-                return _position_of(top[0][0]) if top else None
+                if not top:
+                    return None, 0, 0
+                try:
+                    message = decode(top[0][1][b"m"])
+                except (ValueError, KeyError):
+                    return _position_of(top[0][0]), 0, 0
+                return message.to, message.epoch, message.base
             except self._errors as exc:
                 failures += 1
                 if failures == 1:

@@ -11,6 +11,13 @@ hole from the record first, and events at or below its position are dropped.
 So a worker's clients get every event once, in order, whichever path and
 however many leaders the events came through.
 
+Each message also names its *history*: ``epoch`` changes with every reset (a
+database that went back in time, events pruned before the listener read
+them), and ``base`` is the position that reset went on from. A worker that
+missed the reset itself (it was reconnecting, or the broker's new entries sat
+below where it had read) still sees the new epoch on the next message, and
+resets its clients to ``base`` before reading on from the record.
+
 Message bytes: a JSON header line, then the events' frames, then a reset's.
 """
 
@@ -41,10 +48,13 @@ class Message:
     reset: bytes = b""  # an ``event: reset`` frame: clients reload, then go on after ``to``
     ok: bool = True  # the leader's source (its LISTEN, or its broker) is connected
     sent_at: float = 0.0  # epoch seconds the leader sent it
+    epoch: int = 0  # the history: changes with every reset
+    base: int = 0  # the position the history's reset went on from
 
 
 def encode(message: Message) -> bytes:
     header = {"after": message.after, "to": message.to, "ok": message.ok, "at": message.sent_at or time.time(),
+              "epoch": message.epoch, "base": message.base,
               "events": [[e.event_id, e.entity_id, e.recorded_at, e.action_ref, len(e.frame)]
                          for e in message.events],
               "reset": len(message.reset)}
@@ -66,7 +76,7 @@ def decode(data: bytes) -> Message:
     if offset + header["reset"] != len(data):
         raise ValueError("message length does not match its header")
     return Message(after=header["after"], to=header["to"], events=events, reset=reset, ok=header["ok"],
-                   sent_at=header["at"])
+                   sent_at=header["at"], epoch=header["epoch"], base=header["base"])
 
 
 class Feed:
@@ -81,7 +91,8 @@ class Feed:
         self.lag: float | None = None  # s from the last event's commit to its publication here
         self.upstream_ok = False
         self.last_message = 0.0  # time.monotonic() of the last message
-        self._last_reset: tuple[int, float] | None = None
+        self.epoch: int | None = None  # the history of the messages applied
+        self.base = 0
 
     @property
     def flowing(self) -> bool:
@@ -91,12 +102,24 @@ class Feed:
     def apply(self, message: Message) -> None:
         self.last_message = time.monotonic()
         self.upstream_ok = message.ok
-        if message.reset:
-            if (message.to, message.sent_at) != self._last_reset:  # a broker re-read may bring it twice
-                self._last_reset = (message.to, message.sent_at)
+        if self.epoch is None or self.position is None:
+            self.epoch, self.base = message.epoch, message.base  # a new worker starts in its first message's
+            if message.reset:
+                self.position = message.to
+                self.hub.advance(self.position)
+                return
+        elif message.epoch != self.epoch:
+            self.epoch, self.base = message.epoch, message.base
+            if message.reset:
                 self.position = message.to
                 self.hub.reset(message.reset, message.to)
-            return
+                return
+            log.warning("feed: the history changed (a reset to event %d did not come through); telling "
+                        "clients to reload", message.base)
+            self.position = message.base
+            self.hub.reset(reset_frame("the database went back in time: reload", message.base), message.base)
+        if message.reset:
+            return  # this history's reset, seen again (a broker re-read): applied already
         if self.position is None:
             self.position = message.after  # a new worker starts where its first message does
         elif message.after > self.position:

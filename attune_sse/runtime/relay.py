@@ -30,6 +30,7 @@ import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,14 @@ class Broadcast:
     once and handed to ``deliver``. Its position is the last one delivered."""
 
     def __init__(self, deliver: Callable[[Message, bytes], None], connected: Callable[[], bool],
-                 position: int | None = None) -> None:
+                 position: int | None = None, epoch: int = 0, base: int = 0) -> None:
         self.deliver = deliver
         self.connected = connected
         self.position = position
+        self.epoch, self.base = epoch, base  # the history it goes on (feed.py)
 
     def _send(self, message: Message) -> None:
+        message.epoch, message.base = self.epoch, self.base
         self.deliver(message, encode(message))
         self.position = message.to
 
@@ -76,6 +79,8 @@ class Broadcast:
             self._send(Message(after=self.position if self.position is not None else position, to=position))
 
     def reset(self, frame: bytes, position: int) -> None:
+        """A new history, going on from ``position``."""
+        self.epoch, self.base = time.time_ns(), position
         self._send(Message(after=position, to=position, reset=frame))
 
     def beat(self) -> None:
@@ -258,7 +263,8 @@ class Relay:
     def _hello(self) -> bytes | None:
         if self.feed.position is None:
             return None
-        return encode(Message(after=self.feed.position, to=self.feed.position, ok=self.feed.upstream_ok))
+        return encode(Message(after=self.feed.position, to=self.feed.position, ok=self.feed.upstream_ok,
+                              epoch=self.feed.epoch or 0, base=self.feed.base))
 
     def _follow(self) -> None:
         """Read the leader until its socket closes or goes silent."""
@@ -328,7 +334,9 @@ class ListenerSource:
     """The leader's source with ``events.fanout: postgres``: a LISTEN of its own, publishing through ``relay``."""
 
     def __init__(self, url: str, relay: Relay, **settings: Any) -> None:
-        self.broadcast = Broadcast(relay.deliver, lambda: self.listener.connected, relay.feed.position)
+        feed = relay.feed
+        self.broadcast = Broadcast(relay.deliver, lambda: self.listener.connected, feed.position, feed.epoch or 0,
+                                   feed.base)
         self.listener = Listener(url, self.broadcast, **settings)  # type: ignore[arg-type]
         # A worker that followed goes on from what it has: the listener reads the record after it.
         self.listener.position = relay.feed.position
