@@ -524,8 +524,10 @@ def delivery_cell(db: Database, cluster: Cluster, redis: Redis | None, writer: W
             writer.update()
             time.sleep(0.5)
             stats = client.ask({"cmd": "stats"})
-            refused = sum(count for status, count in stats["statuses"].items() if status != "200")
-            if stats["with_events"] >= stats["open"] - refused or time.monotonic() > deadline:
+            # "none": no answer yet (still connecting), not refused: wait for it.
+            refused = sum(count for status, count in stats["statuses"].items() if status not in ("200", "none"))
+            waiting = stats["statuses"].get("none", 0)
+            if (not waiting and stats["with_events"] >= stats["open"] - refused) or time.monotonic() > deadline:
                 break
         for status, count in stats["statuses"].items():
             if status != "200":

@@ -13,6 +13,7 @@ variable (an app made in a test) the metrics of this process are served.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -119,6 +120,11 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
         else:
             registry = self.registry
+        for _ in range(3):
+            try:
+                return generate_latest(registry), CONTENT_TYPE_LATEST
+            except struct.error:  # a worker's file caught as it is made (prometheus_client reads it empty)
+                gevent.sleep(0.05)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -31,7 +31,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -283,9 +283,8 @@ class Relay:
         self.role = "follower"
         sock.settimeout(SILENCE_LIMIT * 2)
         try:
-            while True:
-                (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
-                message = decode(_read_exactly(sock, length))
+            for data in _messages(sock):
+                message = decode(data)
                 try:
                     self.feed.apply(message)
                 except Exception as exc:
@@ -319,15 +318,23 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
+def _messages(sock: socket.socket) -> Iterator[bytes]:
+    """The length-prefixed messages on ``sock``, read in large chunks (one wake-up brings all that came)."""
+    buffer = bytearray()
+    while True:
+        chunk = sock.recv(65536)
         if not chunk:
             raise EOFError("the leader closed the connection")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        buffer += chunk
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer, start)
+            end = start + _LENGTH.size + length
+            if end > len(buffer):
+                break
+            yield bytes(buffer[start + _LENGTH.size:end])
+            start = end
+        del buffer[:start]
 
 
 class ListenerSource:
