@@ -48,6 +48,7 @@ class ResumingClient:
         self.events: list[tuple[int, int]] = []  # (event id, execution id)
         self.workers: list[int] = []  # the worker of each connection
         self.last_id: int | None = None
+        self.foreign = 0  # events the test forged as another deployment's
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._response: Any = None
@@ -75,7 +76,9 @@ class ResumingClient:
                         if event.id:
                             self.last_id = int(event.id)
                         if event.event == "message" and event.data:
-                            self.events.append((int(event.id), json.loads(event.data)["entity_id"]))
+                            doc = json.loads(event.data)
+                            self.events.append((int(event.id), doc["entity_id"]))
+                            self.foreign += "forged" in doc
                 else:
                     response.close()
             except Exception:  # the stream broke (or close() closed it under the reader): reconnect, as a browser would
@@ -135,11 +138,11 @@ def fleet(database: Any, tmp_path: Any) -> Iterator[Callable[..., list[ServerPro
     """Starts ``INSTANCES`` instances (in parallel) with extra config sections; stops them after the test."""
     started: list[ServerProcess] = []
 
-    def start(**sections: dict[str, Any]) -> list[ServerProcess]:
+    def start(count: int = INSTANCES, **sections: dict[str, Any]) -> list[ServerProcess]:
         config = server_config(database, **sections)
         config["database"].update(pool_size=3, backlog_pool_size=2)
-        instances = [ServerProcess(config, tmp_path) for _ in range(INSTANCES)]
-        with ThreadPoolExecutor(INSTANCES) as pool:
+        instances = [ServerProcess(config, tmp_path) for _ in range(count)]
+        with ThreadPoolExecutor(count) as pool:
             for srv in pool.map(lambda s: s.start(timeout=60), instances):
                 started.append(srv)
         return instances
@@ -363,7 +366,50 @@ def test_a_database_that_went_back_in_time_resets_every_instance_through_the_bro
         assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
             [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
     logs = "".join(srv.log() for srv in instances)
-    assert "starting the stream over" in logs
+    assert "the database went back to event" in logs and "starting stream attune:execution_events over" in logs
     # Each instance learnt of the new history from the stream: its entries of the new history above
     # where it had read, or (if none came) the stream's end below it.
     assert "the history changed" in logs or "it was started over; reading it from the start" in logs
+
+
+def test_what_else_writes_to_the_stream_or_does_to_redis_changes_nothing_clients_receive(
+    fleet: Any, redis_server: Any, database: Any, db: Any, token: str, new_execution: Any
+) -> None:
+    """Redis is shared infrastructure: a stray entry above every id, a message of another deployment
+    (another database, the same stream key), a failover that turns the server into a replica and back."""
+    import redis
+
+    from attune_sse.core.event import ExecutionEvent
+    from attune_sse.runtime.feed import Message, encode
+
+    instances = fleet(2, events={"fanout": "redis", "redis_url": redis_server["url"]})
+    clients = clients_on_every_worker(instances, token)
+    wait_until(lambda: publisher_pid(database), 10, "a publisher")
+    executions, start = new_executions(new_execution, database)
+    broker = redis.Redis.from_url(redis_server["url"])
+    key = "attune:execution_events"
+
+    writer = Writer(db, executions).start()
+    writer.wait_for(200)
+    (top,) = broker.xrevrange(key, count=1)
+    position = int(top[0].decode().split("-")[0])
+    # Another deployment's publisher: a well-formed message naming one of our executions, from elsewhere.
+    forged = ExecutionEvent.from_record(position + 1, executions[0], b'{"entity_type":"execution","forged":true}')
+    broker.xadd(key, {"m": encode(Message(after=position, to=position + 1, events=[forged],
+                                          source="00000000-0000-0000-0000-000000000000"))}, id=f"{position + 1}-*")
+    writer.wait_for(400)
+    broker.xadd(key, {"m": b"garbage"}, id=f"{position + 100_000}-0")  # far above every id: blocks our writes
+    writer.wait_for(600)
+    broker.execute_command("REPLICAOF", "127.0.0.1", "1")  # unblocks every XREAD with an error
+    time.sleep(1.0)
+    broker.execute_command("REPLICAOF", "NO", "ONE")
+    writer.join()
+
+    assert_everyone_got_everything(database, clients, executions, start)
+    assert not [c for group in clients.values() for c in group if c.foreign], "another deployment's event"
+    logs = "".join(srv.log() for srv in instances)
+    assert "carries events of another database" in logs
+    assert "is not a message of attune-sse: starting stream" in logs
+    assert "Traceback" not in logs
+    for srv in instances:
+        wait_until(lambda s=srv: internals(s) is not None, 15, "every instance ready again")

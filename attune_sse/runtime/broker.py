@@ -59,6 +59,17 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def source_of(url: str) -> str:
+    """This database's identity (attune.event_source), carried by every message that goes through Redis."""
+    conn = connect(url, application_name=LEADER_APPLICATION_NAME, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT id::text FROM attune.event_source")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def _position_of(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.split("-", 1)[0])
@@ -71,12 +82,16 @@ class BrokerSource:
     def __init__(self, config: Config, url: str, relay: Relay, **listener_settings: Any) -> None:
         import redis
 
-        self._errors = (redis.ConnectionError, redis.TimeoutError)
+        # Any Redis error (a lost connection, or LOADING, READONLY, a blocked read undone by a failover)
+        # is waited out; the position has not moved.
+        self._errors = redis.RedisError
         self.relay = relay
         self.key = config["events.redis_stream"]
         self.redis = _redis(config)
         self.connected = False
-        self.publisher = Publisher(config, url, **listener_settings)
+        self.source = source_of(url)
+        self._foreign: set[str] = set()
+        self.publisher = Publisher(config, url, self.source, **listener_settings)
         self._greenlets = [gevent.spawn(self._read), gevent.spawn(self.publisher.run)]
 
     @property
@@ -125,7 +140,7 @@ class BrokerSource:
                     data = fields.get(b"m")
                     try:
                         if data is not None:
-                            self.relay.deliver_raw(data)
+                            self._deliver(data)
                     except (ValueError, KeyError) as exc:
                         log.warning("broker: skipped entry %s of %s, not a message of ours (%s)", entry_id,
                                     self.key, exc)
@@ -138,6 +153,17 @@ class BrokerSource:
                         last_id = f"{max((feed.position or 1) - 1, 0)}-{_LAST_SEQ}"
                         break
                     last_id = entry_id
+
+    def _deliver(self, data: bytes) -> None:
+        message = decode(data)
+        if message.source != self.source:
+            if message.source not in self._foreign:
+                self._foreign.add(message.source)
+                log.error("broker: stream %s carries events of another database (source %s, this one is %s): "
+                          "two deployments share events.redis_stream; give each its own. They are not delivered",
+                          self.key, message.source or "(none)", self.source)
+            return
+        self.relay.deliver(message, data)
 
     def _went_back(self, last_id: Any) -> bool:
         """Whether the stream now ends below where this reader is: the publisher started it over after
@@ -160,9 +186,11 @@ class BrokerSource:
 class Publisher:
     """Stands for the cluster's lock; while it holds it, LISTENs and appends every message to the stream."""
 
-    def __init__(self, config: Config, url: str, **listener_settings: Any) -> None:
+    def __init__(self, config: Config, url: str, source: str, **listener_settings: Any) -> None:
         import redis
 
+        self.source = source
+        self._taken_logged = -1e9
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self._refused = redis.ResponseError
         self._redis_error = redis.RedisError
@@ -191,7 +219,7 @@ class Publisher:
             except (psycopg2.Error, OSError) as exc:
                 log.warning("broker: the publisher's database connection failed (%s); standing again",
                             str(exc).strip() or type(exc).__name__)
-            except self._redis_error as exc:  # MISCONF, OOM, READONLY...: give the lock to another, later
+            except self._redis_error as exc:  # MISCONF, OOM, READONLY...
                 log.error("broker: Redis refused the publisher (%s); standing again in 5s", exc)
                 gevent.sleep(5.0)
             finally:
@@ -214,7 +242,8 @@ class Publisher:
                     self.key, position if position is not None else "(the newest)")
         self.leading = True
         listener = None
-        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position, epoch, base)
+        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position, epoch, base,
+                              self.source)
         listener = Listener(self.url, broadcast, **self.listener_settings)  # type: ignore[arg-type]
         listener.position = position
         self.listener = listener.start()
@@ -235,7 +264,9 @@ class Publisher:
                 try:
                     message = decode(top[0][1][b"m"])
                 except (ValueError, KeyError):
-                    return _position_of(top[0][0]), 0, 0
+                    message = None
+                if message is None or message.source != self.source:
+                    return None, 0, 0  # not ours: start from the newest event; _append deals with the stream
                 return message.to, message.epoch, message.base
             except self._errors as exc:
                 failures += 1
@@ -255,13 +286,32 @@ class Publisher:
                 return
             except self._refused as exc:
                 if "equal or smaller" not in str(exc):
-                    raise
-                if not message.reset:
-                    return  # the stream is past this message: another publisher wrote it, or newer ones
-                # The database went back in time (listener.py): its ids are below the stream's. Start
-                # the stream over with the reset; readers notice it ends below them (_went_back).
-                log.error("broker: the database went back to event %d, below stream %s: starting the stream "
-                          "over", message.to, self.key)
+                    # READONLY, NOREPLICAS, MISCONF, OOM...: Redis cannot take writes now. Wait, as for a
+                    # lost connection (the listener holds its position; the events wait in the record).
+                    if message.after == message.to and not message.events and not message.reset:
+                        return
+                    failures += 1
+                    if failures == 1:
+                        log.warning("broker: Redis refuses writes (%s); events wait in the record until it "
+                                    "takes them", exc)
+                    gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                    continue
+                why = self._why_refused(message)
+                if why is None:
+                    return  # the stream is past this message: another publisher of ours wrote it, or newer ones
+                if why == "foreign":
+                    # Nothing of ours gets through, so every instance of this deployment says it is not
+                    # ready; its events wait in the record, to be read once the stream is its own again.
+                    now = time.monotonic()
+                    if now - self._taken_logged > 60:
+                        self._taken_logged = now
+                        log.error("broker: stream %s holds events of another database: two deployments share "
+                                  "events.redis_stream; give each its own (this one publishes nothing meanwhile)",
+                                  self.key)
+                    return
+                # The database went back in time (listener.py), or something else wrote above our ids: start
+                # the stream over; readers notice it ends below them (BrokerSource._went_back).
+                log.error("broker: %s: starting stream %s over from event %d", why, self.key, message.to)
                 self.redis.delete(self.key)
             except self._errors as exc:
                 if message.after == message.to and not message.events and not message.reset:
@@ -271,6 +321,21 @@ class Publisher:
                     log.warning("broker: writing to Redis failed (%s); events wait in the record until it "
                                 "answers", exc)
                 gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+
+    def _why_refused(self, message: Message) -> str | None:
+        """Why Redis refused ``message``'s id: None if an entry of ours at or past it is there."""
+        top = self.redis.xrevrange(self.key, count=1)
+        if not top:
+            return "the stream is gone"
+        try:
+            newest = decode(top[0][1][b"m"])
+        except (ValueError, KeyError):
+            return f"entry {top[0][0].decode()} is not a message of attune-sse"
+        if newest.source != self.source:
+            return "foreign"
+        if message.reset:
+            return f"the database went back to event {message.to}"
+        return None
 
     def _stop_listener(self) -> None:
         if self.listener is not None:

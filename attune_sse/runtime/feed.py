@@ -50,11 +50,12 @@ class Message:
     sent_at: float = 0.0  # epoch seconds the leader sent it
     epoch: int = 0  # the history: changes with every reset
     base: int = 0  # the position the history's reset went on from
+    source: str = ""  # the database the events come from (attune.event_source), when it leaves the instance
 
 
 def encode(message: Message) -> bytes:
     header = {"after": message.after, "to": message.to, "ok": message.ok, "at": message.sent_at or time.time(),
-              "epoch": message.epoch, "base": message.base,
+              "epoch": message.epoch, "base": message.base, "source": message.source,
               "events": [[e.event_id, e.entity_id, e.recorded_at, e.action_ref, len(e.frame)]
                          for e in message.events],
               "reset": len(message.reset)}
@@ -76,7 +77,7 @@ def decode(data: bytes) -> Message:
     if offset + header["reset"] != len(data):
         raise ValueError("message length does not match its header")
     return Message(after=header["after"], to=header["to"], events=events, reset=reset, ok=header["ok"],
-                   sent_at=header["at"], epoch=header["epoch"], base=header["base"])
+                   sent_at=header["at"], epoch=header["epoch"], base=header["base"], source=header["source"])
 
 
 class Feed:

@@ -59,14 +59,15 @@ class Broadcast:
     once and handed to ``deliver``. Its position is the last one delivered."""
 
     def __init__(self, deliver: Callable[[Message, bytes], None], connected: Callable[[], bool],
-                 position: int | None = None, epoch: int = 0, base: int = 0) -> None:
+                 position: int | None = None, epoch: int = 0, base: int = 0, source: str = "") -> None:
         self.deliver = deliver
+        self.source = source
         self.connected = connected
         self.position = position
         self.epoch, self.base = epoch, base  # the history it goes on (feed.py)
 
     def _send(self, message: Message) -> None:
-        message.epoch, message.base = self.epoch, self.base
+        message.epoch, message.base, message.source = self.epoch, self.base, self.source
         self.deliver(message, encode(message))
         self.position = message.to
 
@@ -102,6 +103,7 @@ class Followers:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         listener.listen(128)
+        self.inode = os.stat(path).st_ino  # the leader checks the path is still its socket
         self.server = StreamServer(listener, self._serve)
         self.server.start()
 
@@ -116,6 +118,11 @@ class Followers:
                 continue
             self.queues[q] += len(frame)
             q.put_nowait(frame)
+
+    def _drop_quietly(self, q: gevent.queue.Queue) -> None:
+        self.queues.pop(q, None)
+        q.queue.clear()
+        q.put_nowait(None)
 
     def _drop(self, q: gevent.queue.Queue) -> None:
         del self.queues[q]
@@ -147,6 +154,8 @@ class Followers:
             sock.close()
 
     def close(self) -> None:
+        for q in list(self.queues):  # each writer closes its follower's connection: they elect at once
+            self._drop_quietly(q)
         self.server.stop(timeout=0.5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -243,8 +252,11 @@ class Relay:
                 return
 
     def _still_ours(self) -> bool:
-        return (self._lock_fd is not None and _same_file(self._lock_fd, self.relay_dir / LOCK_FILE)
-                and (self.relay_dir / SOCKET_FILE).exists())
+        try:
+            socket_ours = os.stat(self.relay_dir / SOCKET_FILE).st_ino == self.followers.inode
+        except (FileNotFoundError, AttributeError):
+            socket_ours = False
+        return self._lock_fd is not None and _same_file(self._lock_fd, self.relay_dir / LOCK_FILE) and socket_ours
 
     def _step_down(self) -> None:
         if self.source is not None:
