@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -150,11 +151,19 @@ def user(server: ServerProcess) -> dict[str, Any]:
         timeout=10,
     )
     assert response.status_code == 201, response.text
-    return {**response.json()["data"], "password": "correct horse battery", "login": login}
+    return {**response.json()["data"], "password": "correct horse battery", "login": login,
+            "issued": time.monotonic()}
 
 
 @pytest.fixture
-def token(user: dict[str, Any]) -> str:
+def token(user: dict[str, Any], server: ServerProcess) -> str:
+    """The session identity's access token; refreshed (POST /auth/refresh) once it is two minutes old,
+    so no test gets one that expires (300 s) under it, however long the suite runs."""
+    if time.monotonic() - user["issued"] > 120:
+        response = requests.post(server.base_url + "/auth/refresh", timeout=10,
+                                 headers={"Authorization": f"Bearer {user['refresh_token']}"})
+        assert response.status_code == 200, response.text
+        user.update(access_token=response.json()["data"]["access_token"], issued=time.monotonic())
     return user["access_token"]
 
 
