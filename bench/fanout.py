@@ -823,26 +823,12 @@ def main() -> None:
 
 
 def run_load_client() -> None:
-    """bench/loadclient.py's client, reading CLIENT_READ_SIZE bytes at a time (its on_readable otherwise)."""
+    """bench/loadclient.py's client, reading CLIENT_READ_SIZE bytes at a time."""
     sys.path.insert(0, str(ROOT / "bench"))
     import loadclient
 
-    class LightClient(loadclient.Client):
-        def on_readable(self, fd: int, conn: loadclient.Conn, now: float) -> None:
-            try:
-                data = conn.sock.recv(CLIENT_READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data:
-                conn.feed(data, now)
-                return
-            conn.ended = "clean" if conn.status == "200" and conn.last.endswith(loadclient.FINAL_CHUNK) else "cut"
-            self.drop(fd, conn)
-            conn.sock.close()
-
-    LightClient().run()
+    loadclient.Client.read_size = CLIENT_READ_SIZE
+    loadclient.Client().run()
 
 
 if __name__ == "__main__":

@@ -125,6 +125,23 @@ def streams_on_every_worker(open_stream: Callable[[], Stream], workers: int, per
     return [s for streams in by_worker.values() for s in streams]
 
 
+def go_back_in_time(database: Any, before: int) -> None:
+    """What a restore from a backup (or a failover to a replica that was behind) does to the record: the
+    events after ``before`` are gone and the sequence is back where it was."""
+    database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
+    database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
+
+
+def assert_reset_then_new_history(streams: list[Stream], execution_id: int, before: int, timeout: float = 10.0) -> None:
+    """Each stream gets a ``reset`` to ``before``, then the new history's running and completed."""
+    for stream in streams:
+        events = stream.events_until(lambda e: e.get("entity_id") == execution_id
+                                     and e["data"]["status"] == "completed", timeout=timeout)
+        assert events[0].event == "reset" and int(events[0].id) == before
+        assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
+            [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
+
+
 class Api:
     """requests against the REST API with a bearer token."""
 

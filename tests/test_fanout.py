@@ -26,7 +26,7 @@ import sseclient
 from attune_sse.storage.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
-from helpers import Stream, wait_until
+from helpers import Stream, assert_reset_then_new_history, go_back_in_time, wait_until
 
 # Four instances start, a thousand updates, up to three takeovers: more than the suite's 120 s when the machine is busy.
 pytestmark = pytest.mark.timeout(300)
@@ -353,18 +353,12 @@ def test_a_database_that_went_back_in_time_resets_every_instance_through_the_bro
         stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
     # The "restore", then the publisher's LISTEN reconnects to it.
     old = database.listener_pids()
-    database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
-    database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
+    go_back_in_time(database, before)
     set_status(execution_id, "running")
     database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
     wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
     set_status(execution_id, "completed")
-    for stream in streams:
-        events = stream.events_until(lambda e: e.get("entity_id") == execution_id
-                                     and e["data"]["status"] == "completed", timeout=20)
-        assert events[0].event == "reset" and int(events[0].id) == before
-        assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
-            [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
+    assert_reset_then_new_history(streams, execution_id, before, timeout=20)
     logs = "".join(srv.log() for srv in instances)
     assert "the database went back to event" in logs and "starting stream attune:execution_events over" in logs
     # Each instance learnt of the new history from the stream: its entries of the new history above

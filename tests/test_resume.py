@@ -15,7 +15,7 @@ import requests
 
 from attune_sse.storage import record
 from conftest import server_config
-from helpers import Stream, wait_until
+from helpers import Stream, assert_reset_then_new_history, go_back_in_time, wait_until
 
 STREAM = "/api/v1/executions/stream"
 
@@ -346,18 +346,12 @@ def test_a_database_that_went_back_in_time_resets_the_streams_and_delivery_goes_
         # The "restore": the events after `before` are gone and the sequence is back where it was;
         # a first new event takes an id the old history had used, before the listeners reconnect.
         old = database.listener_pids()
-        database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
-        database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
+        go_back_in_time(database, before)
         set_status(execution_id, "running")
         database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
         wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
         set_status(execution_id, "completed")
-        for stream in streams:
-            events = stream.events_until(lambda e: e.get("entity_id") == execution_id
-                                         and e["data"]["status"] == "completed")
-            assert events[0].event == "reset" and int(events[0].id) == before
-            assert [(int(e.id), e.json["data"]["status"]) for e in events[1:]] == \
-                [(before + 1, "running"), (before + 2, "completed")], "the new history, from where the two part"
+        assert_reset_then_new_history(streams, execution_id, before)
         assert "it was restored or failed over; telling clients to reload" in srv.log()
     finally:
         srv.stop()

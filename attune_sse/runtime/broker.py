@@ -70,9 +70,9 @@ def source_of(url: str) -> str:
         conn.close()
 
 
-def _position_of(entry_id: bytes | str) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.split("-", 1)[0])
+def _backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failed attempts: doubling from 0.1 s up to 5 s, with jitter."""
+    return min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
 
 
 class BrokerSource:
@@ -88,7 +88,6 @@ class BrokerSource:
         self.relay = relay
         self.key = config["events.redis_stream"]
         self.redis = _redis(config)
-        self.connected = False
         self.source = source_of(url)
         self._foreign: set[str] = set()
         self.publisher = Publisher(config, url, self.source, **listener_settings)
@@ -119,12 +118,11 @@ class BrokerSource:
                     last_id = "0-0"
                     continue
             except self._errors as exc:
-                self.connected = False
                 failures += 1
                 if failures == 1:
                     log.warning("broker: reading %s from Redis failed (%s); events are not being received; "
                                 "retrying", self.key, exc)
-                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                gevent.sleep(_backoff(failures))
                 if feed.position is not None:
                     # The broker may have come back empty (entry ids restart below ours): read
                     # everything at or after our position, duplicates are dropped by the feed.
@@ -133,7 +131,6 @@ class BrokerSource:
             if failures:
                 log.warning("broker: reading %s from Redis again after %d failed attempt(s)", self.key, failures)
                 failures = 0
-            self.connected = True
             for _key, entries in reply or ():
                 for entry_id, fields in entries:
                     last_entry = time.monotonic()
@@ -272,7 +269,7 @@ class Publisher:
                 failures += 1
                 if failures == 1:
                     log.warning("broker: the publisher cannot reach Redis (%s); waiting for it", exc)
-                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)))
+                gevent.sleep(_backoff(failures))
 
     def _append(self, message: Message, data: bytes) -> None:
         """One entry per message. Events wait for Redis (the listener holds its position meanwhile);
@@ -285,42 +282,43 @@ class Publisher:
                     log.warning("broker: writing to Redis again after %d failed attempt(s)", failures)
                 return
             except self._refused as exc:
-                if "equal or smaller" not in str(exc):
-                    # READONLY, NOREPLICAS, MISCONF, OOM...: Redis cannot take writes now. Wait, as for a
-                    # lost connection (the listener holds its position; the events wait in the record).
-                    if message.after == message.to and not message.events and not message.reset:
+                if "equal or smaller" in str(exc):
+                    if self._settle_refusal(message):
                         return
-                    failures += 1
-                    if failures == 1:
-                        log.warning("broker: Redis refuses writes (%s); events wait in the record until it "
-                                    "takes them", exc)
-                    gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
-                    continue
-                why = self._why_refused(message)
-                if why is None:
-                    return  # the stream is past this message: another publisher of ours wrote it, or newer ones
-                if why == "foreign":
-                    # Nothing of ours gets through, so every instance of this deployment says it is not
-                    # ready; its events wait in the record, to be read once the stream is its own again.
-                    now = time.monotonic()
-                    if now - self._taken_logged > 60:
-                        self._taken_logged = now
-                        log.error("broker: stream %s holds events of another database: two deployments share "
-                                  "events.redis_stream; give each its own (this one publishes nothing meanwhile)",
-                                  self.key)
-                    return
-                # The database went back in time (listener.py), or something else wrote above our ids: start
-                # the stream over; readers notice it ends below them (BrokerSource._went_back).
-                log.error("broker: %s: starting stream %s over from event %d", why, self.key, message.to)
-                self.redis.delete(self.key)
+                    continue  # the stream was started over: write again
+                # READONLY, NOREPLICAS, MISCONF, OOM...: Redis cannot take writes now; wait as for a lost
+                # connection (the listener holds its position; the events wait in the record).
+                problem = f"Redis refuses writes ({exc})"
             except self._errors as exc:
-                if message.after == message.to and not message.events and not message.reset:
-                    return
-                failures += 1
-                if failures == 1:
-                    log.warning("broker: writing to Redis failed (%s); events wait in the record until it "
-                                "answers", exc)
-                gevent.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+                problem = f"writing to Redis failed ({exc})"
+            if message.is_beat:
+                return
+            failures += 1
+            if failures == 1:
+                log.warning("broker: %s; events wait in the record until Redis takes them", problem)
+            gevent.sleep(_backoff(failures))
+
+    def _settle_refusal(self, message: Message) -> bool:
+        """Redis refused ``message``'s id (``equal or smaller`` than the stream's newest): True if nothing
+        is to be written (an entry of ours is at or past it; or the stream is another deployment's),
+        False once the stream has been started over for it."""
+        why = self._why_refused(message)
+        if why is None:
+            return True  # another publisher of ours wrote it, or newer ones
+        if why == "foreign":
+            # Nothing of ours gets through, so every instance of this deployment says it is not
+            # ready; its events wait in the record, to be read once the stream is its own again.
+            now = time.monotonic()
+            if now - self._taken_logged > 60:
+                self._taken_logged = now
+                log.error("broker: stream %s holds events of another database: two deployments share "
+                          "events.redis_stream; give each its own (this one publishes nothing meanwhile)", self.key)
+            return True
+        # The database went back in time (listener.py), or something else wrote above our ids: start the
+        # stream over; readers notice it ends below them (BrokerSource._went_back).
+        log.error("broker: %s: starting stream %s over from event %d", why, self.key, message.to)
+        self.redis.delete(self.key)
+        return False
 
     def _why_refused(self, message: Message) -> str | None:
         """Why Redis refused ``message``'s id: None if an entry of ours at or past it is there."""

@@ -52,6 +52,11 @@ class Message:
     base: int = 0  # the position the history's reset went on from
     source: str = ""  # the database the events come from (attune.event_source), when it leaves the instance
 
+    @property
+    def is_beat(self) -> bool:
+        """A heartbeat: no event, no reset, no new position."""
+        return self.after == self.to and not self.events and not self.reset
+
 
 def encode(message: Message) -> bytes:
     header = {"after": message.after, "to": message.to, "ok": message.ok, "at": message.sent_at or time.time(),

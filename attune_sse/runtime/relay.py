@@ -191,10 +191,6 @@ class Relay:
         if self.followers is not None:
             self.followers.send(data)
 
-    def deliver_raw(self, data: bytes) -> None:
-        """As ``deliver``, for a message that arrived encoded (from a broker)."""
-        self.deliver(decode(data), data)
-
     # -- election ----------------------------------------------------------
 
     def _run(self) -> None:
