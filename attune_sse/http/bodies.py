@@ -7,11 +7,22 @@ first: the whole of it within ``server.body_timeout_seconds``, and after the
 first ``GRACE`` seconds at ``server.body_min_rate_bytes`` per second on
 average. A body that misses either gets a 408 JSON answer and the connection
 is closed. Requests without a body (the stream, every GET) pass untouched.
+
+A body the app will not read costs no more than what is read of it. One
+declared larger than ``server.max_body_bytes`` (or a chunked one that grows
+past it) gets its 413 at once, on every route and before authentication,
+and so does a body that is too slow (408). gunicorn would then read the rest
+of it off the keep-alive connection to find the next request, in small
+reads that recopy its buffer: tens of megabytes sent at full speed held the
+worker's event loop until gunicorn killed it. So such a connection is closed
+after the answer (``close_after``): the answer goes out with
+``Connection: close``, the sending side is shut, and at most ``LINGER_BYTES``
+more are read (in ``LINGER_SECONDS``, in large reads that yield) so that the
+client can read the answer before the close resets the connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -30,18 +41,53 @@ GRACE = 5.0  # seconds any body may take, whatever its rate
 STEP = 4 * 1024
 
 
+# After an answer that ends a connection: what is read (and dropped) of the unread body, at most.
+LINGER_BYTES = 256 * 1024
+LINGER_SECONDS = 1.0
+LINGER_READ = 64 * 1024
+
+
 class _TooSlow(Exception):
     pass
 
 
-def _then_close(payload: bytes, sock: socket.socket | None) -> Iterator[bytes]:
-    """Send the answer, then close the connection: the rest of the body is never read.
-    (gunicorn ignores a Connection header from the app; with the socket shut for
-    reading, its next read ends the connection.)"""
+def close_after(environ: dict[str, Any], start_response: Callable[..., Any], status: str,
+                error: dict[str, str]) -> Iterator[bytes]:
+    """Answer ``error`` as JSON and end the connection, reading no more of the request than the linger.
+
+    gunicorn's Response (whose bound method ``start_response`` is) closes the
+    connection after this answer once told to (``force_close``), instead of
+    reading on for the next request.
+    """
+    payload = json.dumps(error).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                            ("Cache-Control", "no-store")])
+    response = getattr(start_response, "__self__", None)
+    if response is not None and hasattr(response, "force_close"):
+        response.force_close()
+    return _linger_after(payload, environ.get("gunicorn.socket"))
+
+
+def _linger_after(payload: bytes, sock: socket.socket | None) -> Iterator[bytes]:
     yield payload
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RD)  # not SSLSocket's (stream.py says why)
+    if sock is None:
+        return
+    try:
+        # The plain socket's shutdown, also under TLS (sink.py says why): the client reads the answer, then EOF.
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        dropped = 0
+        while dropped < LINGER_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(LINGER_READ)
+            if not data:
+                break
+            dropped += len(data)
+    except OSError:
+        pass  # the client is gone or too slow: the connection closes either way, which is all that is left
 
 
 class BodyDeadline:
@@ -57,22 +103,31 @@ class BodyDeadline:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         length = environ.get("CONTENT_LENGTH") or ""
-        declared = int(length) if length.isdigit() else 0
-        if (not chunked and declared == 0) or declared > self.max_bytes:
-            return self.app(environ, start_response)  # nothing to read, or Flask answers 413 unread
+        # (gunicorn has checked that it is digits; as many as a 4,300-digit one would not even convert)
+        declared = (int(length) if len(length) <= 19 else self.max_bytes + 1) if length.isdigit() else 0
+        if not chunked and declared == 0:
+            return self.app(environ, start_response)  # nothing to read
+        if declared > self.max_bytes:
+            return self._too_large(environ, start_response)
         try:
             body = self._read(environ["wsgi.input"], declared if not chunked else None)
         except _TooSlow as exc:
             log.warning("cut a request body from %s: %s", environ.get("REMOTE_ADDR", "?"), exc)
-            payload = json.dumps({"error": f"The request body arrived too slowly: {exc}.",
-                                  "code": "BODY_TIMEOUT"}).encode()
-            start_response("408 Request Timeout", [("Content-Type", "application/json"),
-                                                   ("Content-Length", str(len(payload)))])
-            return _then_close(payload, environ.get("gunicorn.socket"))
+            return close_after(environ, start_response, "408 Request Timeout",
+                               {"error": f"The request body arrived too slowly: {exc}.", "code": "BODY_TIMEOUT"})
+        if len(body) > self.max_bytes:
+            return self._too_large(environ, start_response)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
+
+    def _too_large(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        log.info("refused a request body over server.max_body_bytes (%d) from %s on %s %s", self.max_bytes,
+                 environ.get("REMOTE_ADDR", "?"), environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        return close_after(environ, start_response, "413 Request Entity Too Large", {
+            "error": f"The request body is larger than the server accepts ({self.max_bytes} bytes; "
+                     "server.max_body_bytes).", "code": "BODY_TOO_LARGE"})
 
     def _allowed(self, size: int) -> float:
         """Seconds from the start within which ``size`` bytes must have arrived."""
