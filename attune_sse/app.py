@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -88,6 +89,7 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
                                          background=background)
 
     register_error_handlers(app)
+    _init_cors(app, config["server.cors_origins"])  # first: its preflight answer comes before every other hook
     app.before_request(check_query_string)
     auth.init_app(app, config)
     app.register_blueprint(api.bp)
@@ -97,7 +99,6 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.add_url_rule("/healthz", view_func=healthz)
     app.add_url_rule("/readyz", view_func=readyz)
     app.add_url_rule("/metrics", view_func=metrics_view)
-    _init_cors(app, config["server.cors_origins"])
     app.after_request(_security_headers)
     app.wsgi_app = BodyDeadline(app.wsgi_app, timeout=config["server.body_timeout_seconds"],  # type: ignore[method-assign]
                                 min_rate=config["server.body_min_rate_bytes"],
@@ -188,15 +189,31 @@ def _security_headers(response: Response) -> Response:
     return response
 
 
+# What a page of a server.cors_origins origin may send (the UI's calls, and EventSource's resume header).
+CORS_METHODS = ["GET", "POST", "PATCH"]
+CORS_HEADERS = ["Authorization", "Content-Type", "Last-Event-ID"]
+
+
 def _init_cors(app: Flask, origins: list[str]) -> None:
-    allowed = set(origins)
+    """CORS by flask-cors: only the configured origins get ``Access-Control-Allow-Origin`` (with
+    ``Vary: Origin``). A preflight of an existing route answers 204 here, before any view or
+    blueprint hook (they would ask it for a token, which a preflight never carries)."""
+    CORS(app, origins=origins, methods=CORS_METHODS, allow_headers=CORS_HEADERS, max_age=600,
+         vary_header=True, send_wildcard=False)
+
+    @app.before_request
+    def preflight() -> Response | None:
+        if (request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+                and request.routing_exception is None):
+            response = Response(status=204)
+            del response.headers["Content-Type"]
+            return response
+        return None
 
     @app.after_request
-    def cors(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        if origin and origin in allowed:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Last-Event-ID"
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, OPTIONS"
-            response.headers.add("Vary", "Origin")
+    def vary(response: Response) -> Response:
+        # Whether the answer holds Access-Control-Allow-Origin depends on Origin, whatever the origin
+        # (flask-cors says so only when several origins are configured): caches must not mix them up.
+        if "Origin" in request.headers and "Origin" not in response.vary:
+            response.vary.add("Origin")
         return response

@@ -151,8 +151,9 @@ def user(server: ServerProcess) -> dict[str, Any]:
         timeout=10,
     )
     assert response.status_code == 201, response.text
-    return {**response.json()["data"], "password": "correct horse battery", "login": login,
-            "issued": time.monotonic()}
+    data = response.json()["data"]
+    return {**data, "password": "correct horse battery", "login": login, "issued": time.monotonic(),
+            "key": token_key(data["access_token"])}
 
 
 @pytest.fixture
@@ -172,14 +173,20 @@ def api(server: ServerProcess, token: str) -> Api:
     return Api(server.base_url, token)
 
 
+def token_key(token: str) -> str:
+    """The identity's token key that a token the server issued carries."""
+    return jwt.decode(token, JWT_SECRET, algorithms=["HS256"])["key"]
+
+
 def make_token(identity_id: int, *, secret: str = JWT_SECRET, token_type: str = "access",
-               expires_in: int = 300) -> str:
-    """A token minted outside the server, for the auth tests."""
+               expires_in: int = 300, key: str | None = None) -> str:
+    """A token minted outside the server, for the auth tests (``key``: the identity's token key, which
+    a token must carry to be its own; ``user["key"]`` is the session identity's)."""
     now = dt.datetime.now(dt.timezone.utc)
     claims = {
         "sub": str(identity_id), "login": "x", "iat": now, "nbf": now,
         "exp": now + dt.timedelta(seconds=expires_in), "jti": uuid.uuid4().hex,
-        "type": token_type, "token_type": token_type, "fresh": False,
+        "type": token_type, "token_type": token_type, "fresh": False, "key": key,
     }
     return jwt.encode(claims, secret, algorithm="HS256")
 

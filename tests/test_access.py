@@ -327,3 +327,57 @@ def test_a_quiet_constrained_stream_moves_past_what_it_was_not_sent(teams: dict[
 
     wait_until(moved_past, 5, "a keep-alive with an id at or after Bob's last event")
     assert f'"entity_id": {b_id}'.encode() not in stream.body()[0]
+
+
+def test_a_token_stays_dead_when_its_identity_id_is_given_again(teams: dict[str, Any], database: Any,
+                                                                 server: Any) -> None:
+    """A restore, a failover to a replica that was behind or a sequence reset gives a deleted identity's
+    id to another: the deleted one's tokens and streams stay dead, the new one's work."""
+    carol = register(server, "carol")
+    grant(database, carol, f"team.c{teams['tag']}", pack_grants(teams["b"].split(".")[0]))
+    streams = streams_of(server, carol["access_token"])
+    dave = f"dave-{uuid.uuid4().hex[:8]}"
+    # One transaction: the workers' access watcher sees one change, with the id already someone else's.
+    database.query(
+        """WITH gone AS (DELETE FROM attune.identity WHERE id = %s RETURNING id, password_hash)
+           INSERT INTO attune.identity (id, login, display_name, password_hash)
+           SELECT id, %s, 'Dave', password_hash FROM gone""", (carol["id"], dave))
+    replaced_at = time.monotonic()
+    for stream in streams:
+        while stream.next_event(timeout=REVOCATION_SECONDS + 1).event != "signed_out":
+            pass
+    wait_until(lambda: all(carol["api"].get("/api/v1/executions").status_code == 401 for _ in range(4)),
+               REVOCATION_SECONDS, "the old token refused on every worker")
+    assert time.monotonic() - replaced_at < REVOCATION_SECONDS + 1
+    assert carol["api"].get("/auth/me").json()["code"] == "IDENTITY_DELETED"
+    refreshed = requests.post(server.base_url + "/auth/refresh", timeout=10,
+                              headers={"Authorization": f"Bearer {carol['refresh_token']}"})
+    assert refreshed.status_code == 401 and refreshed.json()["code"] == "IDENTITY_DELETED"
+    refused = requests.get(server.base_url + "/api/v1/executions/stream", params={"token": carol["access_token"]},
+                           timeout=10)
+    assert refused.status_code == 401 and refused.json()["code"] == "IDENTITY_DELETED"
+    # The identity that has the id now logs in and is itself.
+    login = requests.post(server.base_url + "/auth/login", json={"login": dave, "password": PASSWORD}, timeout=10)
+    assert login.status_code == 200, login.text
+    me = Api(server.base_url, login.json()["data"]["access_token"]).get("/auth/me").json()["data"]
+    assert me == {"id": carol["id"], "login": dave, "display_name": "Dave"}
+
+
+def test_a_new_identity_is_not_refused_by_what_a_worker_cached_about_its_id(database: Any, server: Any) -> None:
+    """Each worker caches "no such identity" for an id it was asked about; creating one with that id
+    moves the access generation, so the cache does not refuse its tokens."""
+    from conftest import make_token
+
+    ((unused,),) = database.query("SELECT coalesce(max(id), 0) + 1000 FROM attune.identity")
+    key = str(uuid.uuid4())
+    token = make_token(unused, key=key)
+    ghost = Api(server.base_url, token)
+    # Asked on every worker (concurrent bursts reach both): each caches that the id does not exist.
+    for _ in range(8):
+        assert ghost.get("/api/v1/packs").json()["code"] == "IDENTITY_DELETED"
+    database.query("INSERT INTO attune.identity (id, login, token_key) VALUES (%s, %s, %s)",
+                   (unused, f"late-{uuid.uuid4().hex[:8]}", key))
+    created_at = time.monotonic()
+    wait_until(lambda: all(ghost.get("/api/v1/packs").status_code == 200 for _ in range(8)),
+               REVOCATION_SECONDS, "the new identity accepted on every worker")
+    print(f"a new identity's token accepted after {(time.monotonic() - created_at) * 1000:.0f} ms")

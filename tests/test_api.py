@@ -214,3 +214,34 @@ def test_cors_only_for_configured_origins(server: Any, token: str) -> None:
     friend = requests.get(server.base_url + "/api/v1/packs", headers={**headers, "Origin": "http://localhost:3000"},
                           timeout=5)
     assert friend.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+
+def _document_routes(server: Any) -> list[tuple[str, str]]:
+    """(method, path with its parameters filled in) of every operation in the OpenAPI document."""
+    document = requests.get(server.base_url + "/api/v1/openapi.json", timeout=5).json()
+    return [(method.upper(), path.replace("{id}", "1").replace("{execution_id}", "1"))
+            for path, operations in document["paths"].items() for method in operations
+            if method in ("get", "post", "patch", "put", "delete")]
+
+
+def test_cors_preflight_answers_on_every_route_of_the_document(server: Any) -> None:
+    routes = _document_routes(server)
+    assert len(routes) >= 12 and ("PATCH", "/api/v1/executions/1") in routes
+    for method, path in routes:
+        asked = {"Access-Control-Request-Method": method,
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+        friend = requests.options(server.base_url + path, headers={**asked, "Origin": "http://localhost:3000"},
+                                  timeout=5)
+        assert friend.status_code == 204, (method, path, friend.status_code, friend.text)
+        assert friend.headers["Access-Control-Allow-Origin"] == "http://localhost:3000", (method, path)
+        assert method in friend.headers["Access-Control-Allow-Methods"].split(", "), (method, path)
+        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
+                                                     friend.headers["Access-Control-Allow-Headers"].split(",")}
+        assert "Origin" in friend.headers.get("Vary", ""), (method, path)
+        stranger = requests.options(server.base_url + path, headers={**asked, "Origin": "http://evil.example"},
+                                    timeout=5)
+        assert stranger.status_code < 500 and "Access-Control-Allow-Origin" not in stranger.headers, (method, path)
+        # OPTIONS without a preflight's header is Flask's own answer (the methods in Allow), never a 500.
+        plain = requests.options(server.base_url + path, timeout=5)
+        assert plain.status_code == 200 and method in plain.headers["Allow"], (method, path, plain.status_code)
+    assert "Traceback" not in server.log()

@@ -115,7 +115,7 @@ def test_login_failures_are_rate_limited_per_login_and_address(server: Any) -> N
 
 
 def test_a_stream_ends_when_its_token_expires(server: Any, user: dict[str, Any]) -> None:
-    token = make_token(user["user"]["id"], expires_in=2)
+    token = make_token(user["user"]["id"], expires_in=2, key=user["key"])
     stream = RawStream(server.base_url, {"token": token})
     assert stream.read_until_closed(10), "the server ended the stream"
     body, clean = stream.body()

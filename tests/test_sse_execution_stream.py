@@ -178,7 +178,7 @@ def test_sse_stream_requires_authentication(server: Any, user: dict[str, Any], c
 
     # The same identity with a valid access token does get a stream.
     ok = requests.get(server.base_url + "/api/v1/executions/stream",
-                      params={"token": make_token(identity_id)}, timeout=10, stream=True)
+                      params={"token": make_token(identity_id, key=user["key"])}, timeout=10, stream=True)
     try:
         assert ok.status_code == 200
         assert ok.headers["Content-Type"].startswith("text/event-stream")

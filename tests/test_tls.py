@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from attune_sse.testing import ServerProcess
-from conftest import make_token, server_config
+from conftest import make_token, server_config, token_key
 from helpers import Stream, streams_on_every_worker, wait_until
 
 
@@ -55,7 +55,7 @@ def test_streams_work_over_tls(tls_server: ServerProcess, new_execution: Any, se
     assert [e.json["data"]["status"] for e in events] == statuses
 
     # A stream the server ends (its token expires) says goodbye in TLS too, not in plain text.
-    short = make_token(user["user"]["id"], expires_in=2)
+    short = make_token(user["user"]["id"], expires_in=2, key=token_key(user["access_token"]))
     ending = requests.get(url, params={"token": short}, stream=True, timeout=10)
     body = b"".join(ending.iter_content(None))  # until the server closes it; raises on a TLS error
     assert b"event: token_expired" in body

@@ -165,6 +165,11 @@ class Principal:
     login: str
     frozen: bool
     scopes: dict[tuple[str, str], Scope]
+    key: str | None = None  # the identity's token key: tokens of another identity with this id carry another
+
+    def issued_to(self, key: object) -> bool:
+        """Whether a token that carries ``key`` was issued to this identity (and not to one whose id it took)."""
+        return self.key is not None and key == self.key
 
     def scope(self, resource: str, action: str) -> Scope:
         return self.scopes.get((resource, action), NOTHING)

@@ -58,12 +58,13 @@ class Subscription:
     """
 
     __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "identity",
-                 "on_overflow", "reason", "scope", "sink", "skip_through")
+                 "identity_key", "on_overflow", "reason", "scope", "sink", "skip_through")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None,
                  sink: Sink | None = None, identity: int | None = None, scope: Scope = EVERYTHING) -> None:
         self.execution_id = execution_id
         self.identity = identity  # whose stream it is (None: the tests' anonymous subscribers)
+        self.identity_key: str | None = None  # its token key (Principal.key): another identity's id is not its
         self.scope = scope  # the executions it may read: events of others are not offered
         self.on_overflow = on_overflow
         self.sink = sink if sink is not None and sink.direct else None  # None: always through the writer
@@ -275,14 +276,16 @@ class Hub:
 
     def apply_access(self, principals: dict[int, Principal | None]) -> int:
         """Access changed for the identities in ``principals``: end the streams of those gone
-        (None) or frozen, and give the others the scope they have now; return how many ended.
+        (None), frozen or replaced (another identity has the id now), and give the others the scope
+        they have now; return how many ended.
         Streams of identities not in ``principals`` are left as they are."""
         ended = 0
         for sub in self._subscribers():
             if sub.identity is None or sub.identity not in principals:
                 continue
             principal = principals[sub.identity]
-            if principal is None or principal.frozen:
+            if principal is None or principal.frozen or (
+                    sub.identity_key is not None and principal.key != sub.identity_key):
                 sub._pending.clear()  # queued before the change: no longer owed
                 self.unsubscribe(sub, SIGNED_OUT)
                 ended += 1

@@ -76,6 +76,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  last_event_id: int | None = None,
                  expires_at: float | None = None,
                  identity: int | None = None,
+                 identity_key: str | None = None,
                  scope: Scope = EVERYTHING,
                  confirm: Callable[[], dict[int, Principal | None]] | None = None,
                  backlog: Callable[[int, int, Callable[[], Scope]], Iterator[tuple[bytes, int]]] | None = None,
@@ -102,6 +103,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     # try/finally rather than ``with hub.subscription()``: one object less per held stream.
     sub = hub.subscribe(execution_id, on_overflow=connection.drop, sink=connection, identity=identity, scope=scope)
     sub.expires_at = expires_at  # the hub ends it then (checked every second, no timer per stream)
+    sub.identity_key = identity_key
     try:
         if confirm is not None and identity is not None:
             # Access may have changed since the view looked, before the hub held this stream

@@ -92,10 +92,11 @@ def init_app(app: Flask, config: Config) -> None:
     app.register_blueprint(bp)
 
 
-def access_token(subject: str, login: str | None) -> dict[str, Any]:
-    """A new access token, as the login and refresh bodies carry it."""
+def access_token(subject: str, login: str | None, key: str) -> dict[str, Any]:
+    """A new access token, as the login and refresh bodies carry it (``key``: the identity's token key)."""
+    claims = {"login": login, "token_type": "access", "key": key}
     return {
-        "access_token": create_access_token(subject, additional_claims={"login": login, "token_type": "access"}),
+        "access_token": create_access_token(subject, additional_claims=claims),
         "token_type": "Bearer",
         "expires_in": state().config["security.jwt_access_expiration"],
     }
@@ -103,10 +104,10 @@ def access_token(subject: str, login: str | None) -> dict[str, Any]:
 
 def issue_tokens(identity: dict[str, Any]) -> dict[str, Any]:
     """The body of a successful login or registration."""
-    subject = str(identity["id"])
-    refresh_claims = {"login": identity["login"], "token_type": "refresh"}
+    subject, key = str(identity["id"]), str(identity["token_key"])
+    refresh_claims = {"login": identity["login"], "token_type": "refresh", "key": key}
     return {
-        **access_token(subject, identity["login"]),
+        **access_token(subject, identity["login"], key),
         "refresh_token": create_refresh_token(subject, additional_claims=refresh_claims),
         "user": public_identity(identity),
     }
@@ -129,8 +130,10 @@ def current_principal() -> Principal:
             and 1 <= int(subject) <= MAX_BIGINT):
         raise Unauthorized("Invalid token: its subject is not an identity id.", code="TOKEN_INVALID")
     principal = state().access.principal(int(subject))
-    if principal is None:
-        raise Unauthorized("The token's identity no longer exists.", code="IDENTITY_DELETED")
+    # A token of a deleted identity whose id was given again (a restore, a sequence reset) names the id
+    # but not the key of the identity that holds it now: it is the deleted one's, and stays dead.
+    if principal is None or not principal.issued_to(get_jwt().get("key")):
+        raise Unauthorized("The token's identity no longer exists; log in again.", code="IDENTITY_DELETED")
     if principal.frozen:
         raise Unauthorized("This identity is frozen; ask an administrator.", code="IDENTITY_FROZEN")
     g.principal = principal
@@ -231,7 +234,7 @@ def create_identity(login_name: str, password: str, display_name: str | None) ->
 def refresh() -> Any:
     """A new access token, for an identity that still exists and is not frozen."""
     principal = current_principal()
-    return jsonify({"data": access_token(str(principal.id), principal.login)})
+    return jsonify({"data": access_token(str(principal.id), principal.login, str(principal.key))})
 
 
 @bp.get("/me")

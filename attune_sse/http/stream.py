@@ -69,6 +69,7 @@ def execution_stream() -> Any:
         last_event_id=last_event_id,
         expires_at=expires_at,
         identity=principal.id,
+        identity_key=principal.key,
         scope=readable,
         confirm=functools.partial(app_state.access.recheck, principal.id),
         backlog=functools.partial(read_backlog, app_state.backlog_pool, execution_id),

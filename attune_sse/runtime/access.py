@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # -- the per-worker view -------------------------------------------------------
 
 _PRINCIPALS_SQL = """
-    SELECT i.id, i.login, i.frozen,
+    SELECT i.id, i.login, i.frozen, i.token_key::text AS token_key,
            EXISTS (SELECT 1 FROM attune.permission_assignment a WHERE a.identity = i.id) AS assigned,
            (SELECT coalesce(jsonb_agg(g), '[]'::jsonb)
               FROM attune.permission_assignment a
@@ -60,7 +60,8 @@ def load_principals(cur: Any, identity_ids: list[int],
             log.error("identity %s: its permission sets hold an invalid grant (%s); it is granted nothing",
                       row["login"], exc)
             grants = []
-        principals[row["id"]] = Principal(row["id"], row["login"], row["frozen"], compile_grants(grants))
+        principals[row["id"]] = Principal(row["id"], row["login"], row["frozen"], compile_grants(grants),
+                                      row["token_key"])
     return principals
 
 

@@ -285,7 +285,8 @@ def token(login: str, expires_in: int | None, config_path: str | None) -> None:
     lifetime = dt.timedelta(seconds=expires_in or config["security.jwt_access_expiration"])
     with app.app_context():
         click.echo(create_access_token(str(identity["id"]), expires_delta=lifetime,
-                                       additional_claims={"login": login, "token_type": "access"}))
+                                       additional_claims={"login": login, "token_type": "access",
+                                                          "key": str(identity["token_key"])}))
 
 
 @main.command()
