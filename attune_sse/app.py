@@ -22,7 +22,7 @@ from attune_sse.core.hub import Hub
 from attune_sse.errors import Forbidden, NotReady
 from attune_sse.http import api, auth, openapi, stream
 from attune_sse.http.bodies import BodyDeadline
-from attune_sse.http.io import check_query_string, register_error_handlers
+from attune_sse.http.io import IdConverter, check_query_string, register_error_handlers
 from attune_sse.http.state import EXTENSION, AppState, state
 from attune_sse.runtime.access import AccessControl
 from attune_sse.runtime.feed import Feed
@@ -64,6 +64,7 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
 
     app = Flask(__name__)
     app.json = JSONProvider(app)
+    app.url_map.converters["id"] = IdConverter
     app.config["MAX_CONTENT_LENGTH"] = config["server.max_body_bytes"]
 
     require_cooperative()

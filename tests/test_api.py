@@ -139,7 +139,8 @@ BAD_REQUESTS = [
     ("GET", "/api/v1/executions?page=0", None, 400, "VALIDATION_ERROR"),
     ("GET", "/api/v1/executions?per_page=100000", None, 400, "VALIDATION_ERROR"),
     ("GET", "/api/v1/executions/999999999", None, 404, "EXECUTION_NOT_FOUND"),
-    ("GET", "/api/v1/executions/99999999999999999999999", None, 404, "EXECUTION_NOT_FOUND"),
+    ("GET", "/api/v1/executions/99999999999999999999999", None, 400, "VALIDATION_ERROR"),
+    ("GET", "/api/v1/executions/9223372036854775808", None, 404, "EXECUTION_NOT_FOUND"),
     ("GET", "/api/v1/executions/abc", None, 404, "NOT_FOUND"),
     ("PATCH", "/api/v1/executions/999999999", {"status": "running"}, 404, "EXECUTION_NOT_FOUND"),
     ("PATCH", "/api/v1/executions/1", {"status": "exploded"}, 400, "VALIDATION_ERROR"),
@@ -245,3 +246,25 @@ def test_cors_preflight_answers_on_every_route_of_the_document(server: Any) -> N
         plain = requests.options(server.base_url + path, timeout=5)
         assert plain.status_code == 200 and method in plain.headers["Allow"], (method, path, plain.status_code)
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("digits", [20, 3000])
+def test_ids_and_offsets_longer_than_19_digits_are_400(server: Any, api: Api, token: str, digits: int) -> None:
+    """In the path and the query (gunicorn answers a request line past 4,094 bytes itself, with a 414)
+    and in Last-Event-ID (up to 8,190 bytes a header: past the 4,300 digits Python converts)."""
+    long = "9" * digits
+    _error(api.get(f"/api/v1/executions/{long}"), 400, "VALIDATION_ERROR")
+    _error(api.patch(f"/api/v1/executions/{long}", json={"status": "running"}), 400, "VALIDATION_ERROR")
+    _error(api.get("/api/v1/executions", params={"page": long}), 400, "VALIDATION_ERROR")
+    stream = server.base_url + "/api/v1/executions/stream"
+    for params, headers in (({"execution_id": long}, {}), ({}, {"Last-Event-ID": "9" * 6000}),
+                            ({"last_event_id": long}, {})):
+        response = requests.get(stream, params={"token": token, **params}, headers=headers, timeout=10)
+        _error(response, 400, "VALIDATION_ERROR")
+
+
+def test_refs_ending_in_a_line_break_are_400(api: Api) -> None:
+    body = _error(api.post("/api/v1/packs", json={"ref": "trailing\n"}), 400, "VALIDATION_ERROR")
+    assert "ref" in body["error"]
+    _error(api.post("/api/v1/actions", json={"ref": "test_sse_pack.run\n"}), 400, "VALIDATION_ERROR")
+    _error(api.post("/api/v1/actions", json={"ref": "test_sse_pack\n.run"}), 400, "VALIDATION_ERROR")

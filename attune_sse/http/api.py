@@ -8,7 +8,6 @@ something it may read answers 403.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -20,13 +19,11 @@ from attune_sse.errors import Conflict, Forbidden, NotFound, Unprocessable
 from attune_sse.http.auth import current_principal
 from attune_sse.http.io import json_body, positive_int_arg
 from attune_sse.http.state import state
-from attune_sse.http.validation import invalid, optional_string, required_string
+from attune_sse.http.validation import invalid, is_pack_ref, optional_string, pack_of_action_ref, required_string
 from attune_sse.storage import store
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-PACK_REF = re.compile(r"^[a-z][a-z0-9_-]+$")
-ACTION_REF = re.compile(r"^([a-z][a-z0-9_-]+)\.[A-Za-z0-9_.-]+$")
 MAX_PAGE_SIZE = 500
 
 
@@ -62,7 +59,7 @@ def list_packs() -> Any:
 def create_pack() -> Any:
     body = json_body()
     ref = required_string(body, "ref", max_length=100)
-    if not PACK_REF.match(ref):
+    if not is_pack_ref(ref):
         raise invalid("ref", "must match ^[a-z][a-z0-9_-]+$ (lower case, at least two characters)")
     if not scope("packs", "create").allows_pack(ref):
         raise forbidden(f"create pack '{ref}'")
@@ -91,12 +88,12 @@ def list_actions() -> Any:
 def create_action() -> Any:
     body = json_body()
     ref = required_string(body, "ref", max_length=255)
-    match = ACTION_REF.match(ref)
-    if not match:
+    pack_part = pack_of_action_ref(ref)
+    if pack_part is None:
         raise invalid("ref", "must look like 'pack.action' (for example test_sse_pack.test_action)")
-    pack_ref = optional_string(body, "pack_ref", max_length=100) or match.group(1)
-    if pack_ref != match.group(1):
-        raise invalid("pack_ref", f"must be the part of 'ref' before the first dot ({match.group(1)!r})")
+    pack_ref = optional_string(body, "pack_ref", max_length=100) or pack_part
+    if pack_ref != pack_part:
+        raise invalid("pack_ref", f"must be the part of 'ref' before the first dot ({pack_part!r})")
     if not scope("actions", "create").allows_action(ref):
         raise forbidden(f"create action '{ref}'")
     label = optional_string(body, "label", max_length=255) or ref
@@ -140,7 +137,7 @@ def _not_found(execution_id: int) -> NotFound:
     return NotFound(f"Execution {execution_id} does not exist.", code="EXECUTION_NOT_FOUND")
 
 
-@bp.get("/executions/<int:execution_id>")
+@bp.get("/executions/<id:execution_id>")
 def get_execution(execution_id: int) -> Any:
     if execution_id > MAX_BIGINT:
         raise _not_found(execution_id)
@@ -177,7 +174,7 @@ def create_execution() -> Any:
     return jsonify({"data": execution}), 201
 
 
-@bp.patch("/executions/<int:execution_id>")
+@bp.patch("/executions/<id:execution_id>")
 def update_execution(execution_id: int) -> Any:
     if execution_id > MAX_BIGINT:
         raise _not_found(execution_id)

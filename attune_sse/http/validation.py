@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from attune_sse.core.event import MAX_BIGINT
@@ -73,13 +74,34 @@ def optional_string(body: dict[str, Any], field: str, *, max_length: int = 1000)
     return value
 
 
+# The bigint maximum has 19 digits. Longer text is refused before it is converted: Python will not
+# even convert more than 4,300 digits (ValueError), and converting a long one costs quadratic time.
+MAX_ID_DIGITS = len(str(MAX_BIGINT))
+
+
 def parse_int(raw: str, name: str, *, minimum: int = 1) -> int:
     """A whole number from ``minimum`` to the bigint maximum, or 400 naming ``name``."""
     raw = raw.strip()
-    if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= MAX_BIGINT:
-        raise BadRequest(f"{name} must be a whole number >= {minimum}, got {raw[:40]!r}.",
+    if not (len(raw) <= MAX_ID_DIGITS and raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= MAX_BIGINT:
+        raise BadRequest(f"{name} must be a whole number from {minimum} to {MAX_BIGINT}, got {raw[:40]!r}.",
                          code="VALIDATION_ERROR")
     return int(raw)
+
+
+# Refs as DESIGN.md gives them, matched in full (``$`` would let a trailing line break through).
+_PACK_REF = re.compile(r"[a-z][a-z0-9_-]+")
+_ACTION_REF = re.compile(r"([a-z][a-z0-9_-]+)\.[A-Za-z0-9_.-]+")
+
+
+def is_pack_ref(ref: str) -> bool:
+    """Whether ``ref`` is a pack ref: lower case letters, digits, ``_`` and ``-``, from a letter."""
+    return _PACK_REF.fullmatch(ref) is not None
+
+
+def pack_of_action_ref(ref: str) -> str | None:
+    """The pack part of an action ref (``pack.action``), or None if ``ref`` is not one."""
+    match = _ACTION_REF.fullmatch(ref)
+    return match.group(1) if match else None
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:

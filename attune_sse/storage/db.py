@@ -14,6 +14,7 @@ from typing import Any
 
 import gevent.lock
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
@@ -105,6 +106,19 @@ def database(config: Config) -> Iterator[str]:
             server.stop()
 
 
+# Errors that are the deployment's state, not the request's fault: a 503 that names it, and one log line.
+REFUSALS: dict[type[Exception], tuple[str, str]] = {
+    psycopg2.errors.ReadOnlySqlTransaction: (
+        "DATABASE_READ_ONLY",
+        "The database is read-only (a standby, or default_transaction_read_only); nothing was changed; "
+        "retry once it takes writes."),
+    psycopg2.errors.InsufficientPrivilege: (
+        "DATABASE_PERMISSION_DENIED",
+        "The service's database role may not make this change (a privilege was revoked); nothing was "
+        "changed; an operator must grant it again."),
+}
+
+
 class Pool:
     """A bounded set of connections, each lent to one request at a time."""
 
@@ -137,6 +151,11 @@ class Pool:
                 log.error("database connection lost during a request: %s", str(exc).strip())
                 conn.close()
                 raise NotReady("The database connection was lost; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
+            except tuple(REFUSALS) as exc:
+                conn.rollback()
+                code, message = REFUSALS[type(exc)]
+                log.error("the database refused a write (%s): %s", code, str(exc).strip().splitlines()[0])
+                raise NotReady(message, code=code) from None
             except BaseException:
                 if not conn.closed:
                     conn.rollback()
