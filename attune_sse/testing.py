@@ -68,6 +68,19 @@ class ServerProcess:
             raise
         return self
 
+    def worker_pids(self) -> set[int]:
+        """The pids of the master's gunicorn workers now (its child processes, from /proc)."""
+        master = self.gunicorn.pid
+        pids = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended while this looked
+            if int(fields[1]) == master and fields[0] != "Z":
+                pids.add(int(stat.parent.name))
+        return pids
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
