@@ -43,6 +43,10 @@ SECURITY_HEADERS = {
 }
 
 
+# How long /readyz waits for one of the REST pool's connections before it says the worker is not ready.
+READY_POOL_WAIT = 2.0
+
+
 class JSONProvider(DefaultJSONProvider):
     """ISO 8601 timestamps (Flask's default is the HTTP date format) and keys in order."""
 
@@ -153,10 +157,9 @@ def readyz() -> Any:
     """Ready: the database answers and events reach this worker."""
     app_state = state()
     try:
-        with app_state.pool.cursor() as cur:
-            cur.execute("SELECT 1")
+        app_state.pool.check(READY_POOL_WAIT)
     except NotReady as exc:
-        raise NotReady(f"Not ready: {exc.message}", code="DATABASE_UNAVAILABLE") from None
+        raise NotReady(f"Not ready: {exc.message}", code=exc.code) from None
     feed, relay = app_state.feed, app_state.relay
     if not feed.flowing:
         raise NotReady("Not ready: events do not reach this worker (its instance's listener, or the broker, "

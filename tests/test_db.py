@@ -9,6 +9,7 @@ from __future__ import annotations
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -39,6 +40,7 @@ def limited(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield srv
     finally:
         srv.stop()
+        database.query(f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
         database.query(f"ALTER ROLE {ROLE} RESET default_transaction_read_only")
         database.query(f"REVOKE ALL ON ALL TABLES IN SCHEMA attune FROM {ROLE}")
         database.query(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA attune FROM {ROLE}")
@@ -92,3 +94,26 @@ def test_a_write_the_database_refuses_is_a_503_that_names_why(limited: ServerPro
     assert "Traceback" not in log
     assert log.count("the database refused a write (DATABASE_PERMISSION_DENIED)") == 1
     assert "the database refused a write (DATABASE_READ_ONLY)" in log
+
+
+def test_readyz_says_not_ready_while_new_connections_are_refused(limited: ServerProcess, database: Any) -> None:
+    """The role's connection limit reached: an idle pooled connection still answers, but requests that
+    need a new one fail, so /readyz is 503 with the reason until connections open again."""
+    login = requests.post(limited.base_url + "/auth/register", timeout=10,
+                          json={"login": f"cap-{uuid.uuid4().hex[:8]}", "password": "correct horse battery"})
+    api = Api(limited.base_url, login.json()["data"]["access_token"])
+    assert requests.get(limited.base_url + "/readyz", timeout=5).status_code == 200
+    ((held,),) = database.query("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (ROLE,))
+    database.query(f"ALTER ROLE {ROLE} CONNECTION LIMIT {held}")
+    try:
+        # More requests at once than the pool has idle connections: some must open one, and cannot.
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda _: api.get("/api/v1/executions").status_code, range(24)))
+        assert 503 in statuses, statuses
+        ready = requests.get(limited.base_url + "/readyz", timeout=5)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["code"] == "DATABASE_UNAVAILABLE" and "too many connections" in ready.json()["error"]
+    finally:
+        database.query(f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
+    wait_until(lambda: requests.get(limited.base_url + "/readyz", timeout=5).status_code == 200, 10,
+               "ready once connections open again")

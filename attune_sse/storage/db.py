@@ -129,6 +129,8 @@ class Pool:
         self._idle: list[Any] = []
         self._slots = gevent.lock.BoundedSemaphore(size)  # waiters wait as greenlets, in turn
         self._retired: set[int] = set()  # id() of lent connections to close when they come back
+        # Why the last attempt to open a connection failed (the connection limit, say); None once one opens.
+        self.connect_error: str | None = None
 
     @contextmanager
     def cursor(self, *, dict_rows: bool = True) -> Iterator[Any]:
@@ -137,11 +139,7 @@ class Pool:
             raise NotReady("All database connections are busy; retry shortly.", code="DATABASE_BUSY")
         conn = None
         try:
-            try:
-                conn = self._reuse_idle() or connect(self.url)
-            except psycopg2.OperationalError as exc:
-                log.error("database unreachable: %s", str(exc).strip())
-                raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
+            conn = self._reuse_idle() or self._connect()
             try:
                 factory = psycopg2.extras.RealDictCursor if dict_rows else None
                 with conn.cursor(cursor_factory=factory) as cur:
@@ -166,6 +164,48 @@ class Pool:
                 conn.close()
             elif conn is not None and not conn.closed:
                 self._idle.append((conn, time.monotonic()))
+            self._slots.release()
+
+    def _connect(self) -> Any:
+        try:
+            conn = connect(self.url)
+        except psycopg2.OperationalError as exc:
+            self.connect_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.error("database unreachable: %s", self.connect_error)
+            raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
+        self.connect_error = None
+        return conn
+
+    def check(self, timeout: float) -> None:
+        """NotReady unless a request could get a working connection within ``timeout`` seconds.
+
+        An idle connection answering is not enough: when opening new ones fails
+        (the server's connection limit reached, say), requests that need one fail
+        while an idle one still answers. So after a failed open, the check opens
+        a new connection itself (kept in the pool if it works).
+        """
+        if not self._slots.acquire(timeout=timeout):
+            raise NotReady(f"All {self.size} database connections of this worker stayed busy for {timeout:g} s.",
+                           code="DATABASE_BUSY")
+        try:
+            if self.connect_error is not None:
+                try:
+                    conn = self._connect()
+                except NotReady:
+                    raise NotReady(f"New database connections fail: {self.connect_error}.",
+                                   code="DATABASE_UNAVAILABLE") from None
+            else:
+                conn = self._reuse_idle() or self._connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+            except psycopg2.Error as exc:
+                conn.close()
+                raise NotReady(f"The database does not answer: {str(exc).strip()}.",
+                               code="DATABASE_UNAVAILABLE") from None
+            self._idle.append((conn, time.monotonic()))
+        finally:
             self._slots.release()
 
     def retire(self, conn: Any) -> None:
