@@ -43,6 +43,8 @@ SECURITY_HEADERS = {
 }
 
 
+# The web UI's files: the same for everyone, and hold no data.
+CACHEABLE = {"static", "ui"}
 # How long /readyz waits for one of the REST pool's connections before it says the worker is not ready.
 READY_POOL_WAIT = 2.0
 
@@ -190,6 +192,10 @@ def readyz() -> Any:
 def _security_headers(response: Response) -> Response:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    if request.endpoint not in CACHEABLE:
+        # Tokens (/auth/*) and API data must not be kept by a browser's or a proxy's cache. The stream
+        # sets its own (no-cache, as DESIGN.md says), and that stays.
+        response.headers.setdefault("Cache-Control", "no-store")
     return response
 
 

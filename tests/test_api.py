@@ -268,3 +268,20 @@ def test_refs_ending_in_a_line_break_are_400(api: Api) -> None:
     assert "ref" in body["error"]
     _error(api.post("/api/v1/actions", json={"ref": "test_sse_pack.run\n"}), 400, "VALIDATION_ERROR")
     _error(api.post("/api/v1/actions", json={"ref": "test_sse_pack\n.run"}), 400, "VALIDATION_ERROR")
+
+
+def test_responses_with_tokens_or_data_are_not_stored_by_caches(server: Any, api: Api, token: str,
+                                                                 user: dict[str, Any]) -> None:
+    login = requests.post(server.base_url + "/auth/login", timeout=10,
+                          json={"login": user["login"], "password": user["password"]})
+    refused = requests.post(server.base_url + "/auth/login", json={"login": user["login"], "password": "no"},
+                            timeout=10)
+    for response in (login, refused, api.get("/auth/me"), api.get("/api/v1/packs"), api.get("/api/v1/executions"),
+                     api.get("/api/v1/executions/999999999"), api.get("/api/v1/nothing-here")):
+        assert response.headers["Cache-Control"] == "no-store", (response.url, response.status_code)
+    stream = requests.get(server.base_url + "/api/v1/executions/stream", timeout=10, stream=True,
+                          headers={"Authorization": f"Bearer {token}"})
+    try:
+        assert stream.headers["Cache-Control"] == "no-cache", "the stream keeps DESIGN.md's header"
+    finally:
+        stream.close()
