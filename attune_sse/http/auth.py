@@ -22,6 +22,7 @@ from flask_jwt_extended import (
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from attune_sse.config import Config
+from attune_sse.core import logins
 from attune_sse.core.event import MAX_BIGINT
 from attune_sse.core.grants import Principal
 from attune_sse.errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
@@ -150,7 +151,7 @@ def login() -> Any:
     database, so every worker and instance shares the count): past
     security.login_max_failures within the window, 429 until the oldest expires."""
     body = json_body()
-    login_name = required_string(body, "login", max_length=255)
+    login_name = logins.lookup_form(required_string(body, "login", max_length=255))
     password = required_string(body, "password", max_length=1024)
     address = request.remote_addr or "unknown"
     attempt, identity = _begin_login(login_name, address)
@@ -210,13 +211,22 @@ def register() -> Any:
         raise Forbidden("Registration is closed on this server (security.allow_registration).",
                         code="REGISTRATION_CLOSED")
     body = json_body()
-    login_name = required_string(body, "login", max_length=255)
+    typed = required_string(body, "login", max_length=255)
+    login_name = enforced_login(typed)
     password = required_string(body, "password", max_length=1024)
     if len(password) < 8:
         raise invalid("password", "must be at least 8 characters")
-    display_name = optional_string(body, "display_name", max_length=255) or login_name
+    display_name = optional_string(body, "display_name", max_length=255) or typed
     identity = create_identity(login_name, password, display_name)
     return jsonify({"data": issue_tokens(identity)}), 201
+
+
+def enforced_login(login_name: str) -> str:
+    """A new identity's login in its stored form (core/logins.py), or 400 that says what is wrong with it."""
+    try:
+        return logins.enforce(login_name)
+    except logins.InvalidLogin as exc:
+        raise invalid("login", exc.reason) from None
 
 
 def create_identity(login_name: str, password: str, display_name: str | None) -> dict[str, Any]:

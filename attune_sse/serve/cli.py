@@ -129,13 +129,30 @@ def prune(config_path: str | None, older_than: int | None, keep: int | None) -> 
     click.echo(f"pruned {deleted} event(s); the record now starts after event {horizon}")
 
 
+def _login(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An existing identity's login as given: looked up in its stored form (core/logins.py)."""
+    from attune_sse.core import logins
+
+    return logins.lookup_form(value)
+
+
+def _new_login(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A new identity's login, in the form it is stored and compared in; refused as the API refuses it."""
+    from attune_sse.core import logins
+
+    try:
+        return logins.enforce(value)
+    except logins.InvalidLogin as exc:
+        raise click.BadParameter(f"{exc.reason}: logins are compared as RFC 8265 (PRECIS) says") from None
+
+
 @main.group()
 def user() -> None:
     """Manage identities."""
 
 
 @user.command("create")
-@click.argument("login")
+@click.argument("login", callback=_new_login)
 @click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
               help="The password (asked for when not given).")
 @click.option("--display-name", help="Name shown in the UI (default: the login).")
@@ -167,7 +184,7 @@ def _identity_change(config_path: str | None, login: str, change: Callable[[Any]
 
 
 @user.command("freeze")
-@click.argument("login")
+@click.argument("login", callback=_login)
 @config_option
 def user_freeze(login: str, config_path: str | None) -> None:
     """Refuse LOGIN everywhere (its tokens, refreshes, logins and open streams) until unfrozen."""
@@ -177,7 +194,7 @@ def user_freeze(login: str, config_path: str | None) -> None:
 
 
 @user.command("unfreeze")
-@click.argument("login")
+@click.argument("login", callback=_login)
 @config_option
 def user_unfreeze(login: str, config_path: str | None) -> None:
     """Let a frozen LOGIN in again (its unexpired tokens work again)."""
@@ -187,7 +204,7 @@ def user_unfreeze(login: str, config_path: str | None) -> None:
 
 
 @user.command("delete")
-@click.argument("login")
+@click.argument("login", callback=_login)
 @config_option
 def user_delete(login: str, config_path: str | None) -> None:
     """Delete LOGIN: its tokens stop working, its streams end; its executions stay."""
@@ -230,7 +247,7 @@ def permset_create(ref: str, grants: str, label: str | None, replace: bool, conf
 
 
 @permset.command("assign")
-@click.argument("login")
+@click.argument("login", callback=_login)
 @click.argument("ref")
 @config_option
 def permset_assign(login: str, ref: str, config_path: str | None) -> None:
@@ -241,7 +258,7 @@ def permset_assign(login: str, ref: str, config_path: str | None) -> None:
 
 
 @permset.command("revoke")
-@click.argument("login")
+@click.argument("login", callback=_login)
 @click.argument("ref")
 @config_option
 def permset_revoke(login: str, ref: str, config_path: str | None) -> None:
@@ -261,7 +278,7 @@ def _assignment(config_path: str | None, change: Callable[[Any], str | None], do
 
 
 @main.command()
-@click.argument("login")
+@click.argument("login", callback=_login)
 @click.option("--expires", "expires_in", type=click.IntRange(min=1),
               help="Lifetime in seconds (default: security.jwt_access_expiration).")
 @config_option
