@@ -75,7 +75,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
 
     require_cooperative()
     url = service_url(config)
-    hub = Hub(max_pending=config["server.sse_queue_size"])
+    hub = Hub(max_pending=config["server.sse_queue_size"], max_client_bytes=config["server.sse_client_buffer_bytes"],
+              max_worker_bytes=config["server.sse_worker_buffer_bytes"])
     pool = Pool(url, config["database.pool_size"])
     # Resumes wait for one of these rather than take REST's connections; each holds one for a page.
     backlog_pool = Pool(url, config["database.backlog_pool_size"], acquire_timeout=30.0)

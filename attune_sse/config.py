@@ -148,6 +148,11 @@ SETTINGS: tuple[Setting, ...] = (
             "a stream quiet this long gets a ': keep-alive' comment (within one to two periods)"),
     Setting("server.sse_queue_size", 1000, _number(1, 1_000_000, integer=True),
             "events a slow client may have pending before it is disconnected"),
+    Setting("server.sse_client_buffer_bytes", 32 * 1024 * 1024, _number(0, 1024**4, integer=True),
+            "bytes of events a client may have not yet written before it is disconnected (it resumes; 0: no bound)"),
+    Setting("server.sse_worker_buffer_bytes", 256 * 1024 * 1024, _number(0, 1024**4, integer=True),
+            "bytes of events all clients of a worker may have not yet written; past it the ones that hold "
+            "the most are disconnected (0: no bound)"),
     Setting("server.sse_send_buffer_bytes", 0, _number(0, 64 * 1024 * 1024, integer=True),
             "kernel send buffer of each stream's socket (0: the kernel's autotuning, up to net.ipv4.tcp_wmem)"),
     Setting("server.max_body_bytes", 16 * 1024 * 1024, _number(1024, 1024**3, integer=True),

@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from attune_sse.core.event import ExecutionEvent
-from attune_sse.core.grants import Principal, compile_grants, parse_grants
+from attune_sse.core.grants import ALL_GRANTS, Principal, compile_grants, parse_grants
 from attune_sse.core.hub import BATCH_BYTES, SIGNED_OUT, Hub
 from attune_sse.http.sink import ClientSocket
 
@@ -309,3 +309,62 @@ def test_constraints_that_are_not_an_object_are_refused(constraints: Any) -> Non
     with pytest.raises(ValueError, match="'constraints' must be an object"):
         parse_grants([{"resource": "executions", "actions": ["read"], "constraints": constraints}])
     assert parse_grants([{"resource": "executions", "actions": ["read"], "constraints": None}])
+
+
+def big(event_id: int, size: int) -> ExecutionEvent:
+    return ExecutionEvent.from_record(event_id, 1, b'{"entity_id": 1, "result": "%s"}' % (b"x" * size))
+
+
+def test_a_client_past_its_bytes_is_dropped_and_the_others_keep_theirs() -> None:
+    hub = Hub(max_client_bytes=3_000_000)
+    dropped: list[str] = []
+    slow = hub.subscribe(on_overflow=lambda: dropped.append("slow"))
+    fast = hub.subscribe()
+    for i in range(1, 6):
+        hub.publish(big(i, 1_000_000))
+        assert [e.event_id for e in fast.next_batch(0)] == [i]  # reads each as it comes
+    assert dropped == ["slow"] and slow.reason == "overflow"
+    assert hub.stats.overflows == 1
+    # What the slow client held was given back; the fast one holds only its last batch until it asks again.
+    assert hub.buffers.held == fast.held <= 1_000_100
+    fast.next_batch(0)
+    assert hub.buffers.held == 0
+
+
+def test_an_event_larger_than_the_bound_still_reaches_a_client_that_reads() -> None:
+    hub = Hub(max_client_bytes=100_000)
+    sub = hub.subscribe()
+    for i in range(1, 4):
+        hub.publish(big(i, 500_000))
+        assert [e.event_id for e in sub.next_batch(0)] == [i]
+    assert sub.reason is None and hub.stats.overflows == 0
+
+
+def test_the_worker_bound_drops_the_clients_that_hold_the_most() -> None:
+    hub = Hub(max_client_bytes=0, max_worker_bytes=5_500_000)
+
+    def read(sub: Any) -> None:
+        assert sub.next_batch(0)
+        assert sub.next_batch(0) == []  # written: the writer asks again, and gives its batch back
+
+    heavy, light, *reading = [hub.subscribe() for _ in range(4)]
+    hub.publish(big(1, 1_000_000))
+    for sub in (light, *reading):
+        read(sub)
+    for i in range(2, 5):  # heavy comes to hold 4 MB, light 3 MB, each reader nothing
+        hub.publish(big(i, 1_000_000))
+        for sub in reading:
+            read(sub)
+    assert heavy.reason == "overflow", "the one that held the most went first"
+    assert light.reason is None and all(sub.reason is None for sub in reading)
+    assert hub.buffers.held == light.held == 3 * len(big(1, 1_000_000).frame)
+
+
+def test_narrowed_access_gives_back_the_bytes_it_drops() -> None:
+    hub = Hub(max_client_bytes=10_000_000)
+    sub = hub.subscribe(identity=7, scope=compile_grants(parse_grants(ALL_GRANTS))[("executions", "read")])
+    hub.publish(big(1, 1_000_000))
+    held = hub.buffers.held
+    assert held > 1_000_000
+    hub.apply_access({7: Principal(7, "seven", False, compile_grants([]))})  # may read nothing now
+    assert hub.buffers.held == 0 and sub.pending == 0

@@ -1,10 +1,18 @@
 """Fan-out of execution events to the SSE clients of one worker process.
 
 Each subscriber owns a list of pending events. ``publish`` never waits: a subscriber whose
-queue already holds ``max_pending`` events is closed with reason ``overflow``
-and its ``on_overflow`` callback runs (the stream view drops the connection: a
-client that does not read cannot be sent a goodbye), so one slow reader costs
-the others nothing; it reconnects with Last-Event-ID and misses nothing.
+queue already holds ``max_pending`` events, or whose events not yet written hold more
+than ``max_client_bytes``, is closed with reason ``overflow`` and its ``on_overflow``
+callback runs (the stream view drops the connection: a client that does not read
+cannot be sent a goodbye), so one slow reader costs the others nothing; it
+reconnects with Last-Event-ID and misses nothing. The bytes every subscriber
+holds are summed per worker too: past ``max_worker_bytes``, the subscribers that
+hold the most are dropped until the sum is below it. So slow readers hold at
+most min(N x max_client_bytes, max_worker_bytes) of events (frames are shared
+between subscribers, so the sum overstates what they cost), plus each one's
+kernel send buffer. A client with nothing pending (its writer may be busy with
+what it took) takes the next event whatever its size, so an event larger than
+the limit still reaches a client that reads.
 No Flask and no psycopg2 here.
 
 Direct writes: when a subscriber's writer is idle (waiting, nothing pending)
@@ -41,6 +49,16 @@ BATCH_BYTES = 256 * 1024
 SIGNED_OUT = "signed out"  # the reason of a subscription whose identity was frozen or deleted
 
 @dataclass
+class Buffers:
+    """What the subscribers of one hub hold of events not yet written to their clients."""
+
+    held: int = 0  # bytes: pending, in the writer's hands, or the rest of a direct write
+
+
+_DETACHED = Buffers()  # where an unsubscribed subscriber's accounting goes (its bytes were given back)
+
+
+@dataclass
 class HubStats:
     published: int = 0  # events the listener handed to the hub
     delivered: int = 0  # (event, subscriber) pairs accepted: queued, or written directly
@@ -57,11 +75,12 @@ class Subscription:
     per batch of events rather than once per event.
     """
 
-    __slots__ = ("_pending", "_quiet", "_raw", "_waiter", "execution_id", "expires_at", "identity",
-                 "identity_key", "on_overflow", "reason", "scope", "sink", "skip_through")
+    __slots__ = ("_buffers", "_held", "_inflight", "_pending", "_quiet", "_raw", "_waiter", "execution_id",
+                 "expires_at", "identity", "identity_key", "on_overflow", "reason", "scope", "sink", "skip_through")
 
     def __init__(self, execution_id: int | None, on_overflow: Callable[[], None] | None = None,
-                 sink: Sink | None = None, identity: int | None = None, scope: Scope = EVERYTHING) -> None:
+                 sink: Sink | None = None, identity: int | None = None, scope: Scope = EVERYTHING,
+                 buffers: Buffers | None = None) -> None:
         self.execution_id = execution_id
         self.identity = identity  # whose stream it is (None: the tests' anonymous subscribers)
         self.identity_key: str | None = None  # its token key (Principal.key): another identity's id is not its
@@ -76,6 +95,24 @@ class Subscription:
         self._pending: list[ExecutionEvent] = []
         self._waiter: Waiter | None = None
         self._quiet = False  # nothing offered since the hub's last keep-alive tick
+        self._buffers = buffers or Buffers()
+        self._held = 0  # bytes of events offered and not yet written (pending, taken, or in _raw)
+        self._inflight = 0  # of which the writer took: given back when it asks for more
+
+    @property
+    def held(self) -> int:
+        """Bytes of this client's events not yet written: what a slow reader costs its worker."""
+        return self._held
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        self._buffers.held += size
+
+    def _detach(self) -> None:
+        """Unsubscribed: its bytes no longer count against the worker (what it drains is bounded)."""
+        if self._buffers is not _DETACHED:
+            self._buffers.held -= self._held
+            self._buffers = _DETACHED
 
     @property
     def pending(self) -> int:
@@ -94,6 +131,9 @@ class Subscription:
         after them returns None.
         """
         while True:
+            if self._inflight:  # the writer wrote what it took before
+                self._hold(-self._inflight)
+                self._inflight = 0
             if not self._pending and self.reason is None and timeout != 0:
                 self._wait(timeout)
             if not self._pending:
@@ -109,8 +149,10 @@ class Subscription:
             size += len(event.frame)
             if size >= BATCH_BYTES and n < len(pending):
                 self._pending = pending[n:]
+                self._inflight += size
                 return pending[:n]
         self._pending = []
+        self._inflight += size
         return pending
 
     def _wait(self, timeout: float | None) -> None:
@@ -135,6 +177,7 @@ class Subscription:
     def take_raw(self) -> bytes:
         """The unsent rest of a direct write: the writer sends it, as is, before anything else."""
         raw, self._raw = self._raw, b""
+        self._inflight += len(raw)
         return raw
 
     def _write_direct(self, chunk: bytes) -> bool:
@@ -144,6 +187,7 @@ class Subscription:
             return False  # full or gone: the writer's own write will tell
         if written < len(chunk):
             self._raw = chunk[written:]
+            self._hold(len(self._raw))
             self._wake()
         self._quiet = False
         return True
@@ -154,8 +198,9 @@ class Subscription:
             self._waiter = None  # one wake-up per wait, however many events arrive before it runs
             get_hub().loop.run_callback(waiter.switch, None)
 
-    def _offer(self, events: list[ExecutionEvent]) -> None:
+    def _offer(self, events: list[ExecutionEvent], size: int) -> None:
         self._pending.extend(events)
+        self._hold(size)
         self._quiet = False
         self._wake()
 
@@ -177,11 +222,18 @@ class Sink(Protocol):
     def try_write(self, data: bytes) -> int: ...
 
 
+def _size(events: list[ExecutionEvent]) -> int:
+    return sum(len(event.frame) for event in events)
+
+
 class Hub:
     """Subscribers of one process, indexed by their execution filter."""
 
-    def __init__(self, max_pending: int = 1000) -> None:
+    def __init__(self, max_pending: int = 1000, *, max_client_bytes: int = 0, max_worker_bytes: int = 0) -> None:
         self.max_pending = max_pending
+        self.max_client_bytes = max_client_bytes  # 0: no bound in bytes
+        self.max_worker_bytes = max_worker_bytes
+        self.buffers = Buffers()
         self.stats = HubStats()
         # Every event id up to here was published (or will never exist): where a new
         # stream starts, and how far a resuming one reads the record. Set by the listener.
@@ -217,7 +269,7 @@ class Hub:
         notice = ExecutionEvent(event_id=position, entity_id=0, frame=frame)
         for sub in self._subscribers():
             sub.skip_through = position - 1  # the notice passes; later events are all after it
-            sub._offer([notice])
+            sub._offer([notice], len(frame))
 
     def wait_position(self, timeout: float) -> int | None:
         """The position, waiting up to ``timeout`` s for the listener's first; None if it has none yet."""
@@ -229,7 +281,7 @@ class Hub:
                   on_overflow: Callable[[], None] | None = None, sink: Sink | None = None, *,
                   identity: int | None = None, scope: Scope = EVERYTHING) -> Subscription:
         """Register a subscriber; events published from now on that ``scope`` allows reach it."""
-        sub = Subscription(execution_id, on_overflow, sink, identity, scope)
+        sub = Subscription(execution_id, on_overflow, sink, identity, scope, self.buffers)
         if self._closed:
             sub._close("shutdown")
             return sub
@@ -257,6 +309,7 @@ class Hub:
                 else:
                     del self._per_identity[sub.identity]
         sub._close(reason)
+        sub._detach()
 
     def _remove(self, sub: Subscription, group: set[Subscription]) -> None:
         group.remove(sub)
@@ -293,7 +346,9 @@ class Hub:
             scope = principal.scope("executions", "read")
             if scope != sub.scope:
                 if sub._pending:
-                    sub._pending = scope.filter(sub._pending)
+                    kept = scope.filter(sub._pending)
+                    sub._hold(_size(kept) - _size(sub._pending))
+                    sub._pending = kept
                 group = self._group_of(sub)
                 if sub.execution_id is None and group is not None:
                     self._remove(sub, group)
@@ -344,6 +399,8 @@ class Hub:
         delivered = direct = 0
         overflowed = []
         chunk = None  # framed once per batch, when a first subscriber can take it directly
+        size = _size(events)
+        max_bytes = self.max_client_bytes
         for sub in subs:
             mine = sub._unsent(events)
             if not mine:
@@ -354,26 +411,40 @@ class Hub:
                 chunk = chunk or sink.frame([e.frame for e in events])
             if idle and sub._write_direct(chunk if mine is events else sink.frame([e.frame for e in mine])):
                 direct += len(mine)
-            elif len(sub._pending) + len(mine) > self.max_pending:
-                overflowed.append(sub)
+                continue
+            mine_size = size if mine is events else _size(mine)
+            if len(sub._pending) + len(mine) > self.max_pending:
+                overflowed.append((sub, f"{sub.pending} events pending (server.sse_queue_size)"))
+            elif max_bytes and sub._pending and sub._held + mine_size > max_bytes:
+                overflowed.append((sub, f"{sub.held} bytes not yet written (server.sse_client_buffer_bytes)"))
             else:
-                sub._offer(mine)
+                sub._offer(mine, mine_size)
                 delivered += len(mine)
         self.stats.sent += direct
         delivered += direct
-        for sub in overflowed:
-            self.stats.overflows += 1
-            log.warning(
-                "disconnecting a slow SSE client: %d events pending (server.sse_queue_size); "
-                "it can reconnect", sub.pending,
-            )
-            self.unsubscribe(sub, "overflow")
-            if sub.on_overflow is not None:
-                try:
-                    sub.on_overflow()
-                except Exception:
-                    log.exception("on_overflow of a slow SSE client failed")
+        for sub, why in overflowed:
+            self._drop_slow(sub, why)
+        if self.max_worker_bytes and self.buffers.held > self.max_worker_bytes:
+            self._drop_heaviest()
         return delivered
+
+    def _drop_heaviest(self) -> None:
+        """The worker's clients hold more than max_worker_bytes: drop those that hold the most until they do not."""
+        for sub in sorted(self._subscribers(), key=lambda s: s.held, reverse=True):
+            if self.buffers.held <= self.max_worker_bytes or not sub.held:
+                break
+            self._drop_slow(sub, f"{sub.held} bytes not yet written, and the worker's clients hold more than "
+                                 f"server.sse_worker_buffer_bytes ({self.max_worker_bytes})")
+
+    def _drop_slow(self, sub: Subscription, why: str) -> None:
+        self.stats.overflows += 1
+        log.warning("disconnecting a slow SSE client: %s; it can reconnect", why)
+        self.unsubscribe(sub, "overflow")
+        if sub.on_overflow is not None:
+            try:
+                sub.on_overflow()
+            except Exception:
+                log.exception("on_overflow of a slow SSE client failed")
 
     def tick(self) -> int:
         """Wake each waiting subscriber that was offered nothing since the last tick
