@@ -180,9 +180,10 @@ class Subscription:
         self._inflight += len(raw)
         return raw
 
-    def _write_direct(self, chunk: bytes) -> bool:
-        """Have the sink write a framed batch for the idle writer; False if it must be queued instead."""
-        written = self.sink.try_write(chunk)
+    def _write_direct(self, sink: Sink, chunk: bytes) -> bool:
+        """Have ``sink`` (this subscriber's) write a framed batch for the idle writer; False if it must
+        be queued instead."""
+        written = sink.try_write(chunk)
         if written < 0:
             return False  # full or gone: the writer's own write will tell
         if written < len(chunk):
@@ -285,16 +286,24 @@ class Hub:
         if self._closed:
             sub._close("shutdown")
             return sub
-        self._group_of(sub, create=True).add(sub)
+        self._join_group(sub).add(sub)
         if identity is not None:
             self._per_identity[identity] = self._per_identity.get(identity, 0) + 1
         self._count += 1
         self.stats.subscribed_total += 1
         return sub
 
-    def _group_of(self, sub: Subscription, *, create: bool = False) -> set[Subscription] | None:
-        groups, key = (self._all, sub.scope) if sub.execution_id is None else (self._by_execution, sub.execution_id)
-        return groups.setdefault(key, set()) if create else groups.get(key)
+    def _group_of(self, sub: Subscription) -> set[Subscription] | None:
+        """The group ``sub`` belongs in, if it exists."""
+        if sub.execution_id is None:
+            return self._all.get(sub.scope)
+        return self._by_execution.get(sub.execution_id)
+
+    def _join_group(self, sub: Subscription) -> set[Subscription]:
+        """The group ``sub`` belongs in, created if need be."""
+        if sub.execution_id is None:
+            return self._all.setdefault(sub.scope, set())
+        return self._by_execution.setdefault(sub.execution_id, set())
 
     def unsubscribe(self, sub: Subscription, reason: str = "client left") -> None:
         """Remove a subscriber; safe to call more than once."""
@@ -398,7 +407,7 @@ class Hub:
     def _offer_all(self, subs: set[Subscription], events: list[ExecutionEvent]) -> int:
         delivered = direct = 0
         overflowed = []
-        chunk = None  # framed once per batch, when a first subscriber can take it directly
+        chunk: bytes | None = None  # framed once per batch, when a first subscriber can take it directly
         size = _size(events)
         max_bytes = self.max_client_bytes
         for sub in subs:
@@ -406,12 +415,14 @@ class Hub:
             if not mine:
                 continue
             sink = sub.sink
-            idle = sub._waiter is not None and sink is not None and not sub._pending and not sub._raw
-            if idle and mine is events:
-                chunk = chunk or sink.frame([e.frame for e in events])
-            if idle and sub._write_direct(chunk if mine is events else sink.frame([e.frame for e in mine])):
-                direct += len(mine)
-                continue
+            if sink is not None and sub._waiter is not None and not sub._pending and not sub._raw:  # writer idle
+                if mine is events:
+                    chunk = framed = chunk or sink.frame([e.frame for e in events])
+                else:
+                    framed = sink.frame([e.frame for e in mine])
+                if sub._write_direct(sink, framed):
+                    direct += len(mine)
+                    continue
             mine_size = size if mine is events else _size(mine)
             if len(sub._pending) + len(mine) > self.max_pending:
                 overflowed.append((sub, f"{sub.pending} events pending (server.sse_queue_size)"))

@@ -156,9 +156,9 @@ def login() -> Any:
     address = request.remote_addr or "unknown"
     attempt, identity = _begin_login(login_name, address)
     # The same work whether the login exists or not: its answer takes as long.
-    has_password = identity is not None and bool(identity["password_hash"])
-    stored_hash = identity["password_hash"] if has_password else _dummy_hash()
-    accepted = password_matches(stored_hash, password) and has_password
+    stored_hash = identity["password_hash"] if identity is not None else None  # None: no such login
+    has_password = bool(stored_hash)
+    accepted = password_matches(stored_hash or _dummy_hash(), password) and has_password
     try:
         with state().pool.cursor() as cur:
             store.end_login_attempt(cur, attempt, login_name, address, accepted=accepted)
@@ -166,7 +166,7 @@ def login() -> Any:
         # The attempt stays pending; it counts as a failure after store.PENDING_SECONDS.
         log.warning("could not record the end of a login attempt of %r; retry shortly", login_name)
         raise
-    if not accepted:
+    if identity is None or not accepted:  # (accepted implies the identity: it has a password)
         log.info("login failed for %r from %s", login_name, address)
         raise Unauthorized("Invalid login or password", code="INVALID_CREDENTIALS")
     if identity["frozen"]:

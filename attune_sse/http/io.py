@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, overload
 
 from flask import Flask, jsonify, request
 from werkzeug import exceptions
@@ -40,6 +40,14 @@ def json_body() -> dict[str, Any]:
     if not request.is_json:
         raise BadRequest("Send a JSON object with 'Content-Type: application/json'.", code="INVALID_JSON")
     return parse_json_object(request.get_data(cache=True))
+
+
+@overload
+def positive_int_arg(name: str, default: int, *, maximum: int | None = None) -> int: ...
+
+
+@overload
+def positive_int_arg(name: str, default: None = None, *, maximum: int | None = None) -> int | None: ...
 
 
 def positive_int_arg(name: str, default: int | None = None, *, maximum: int | None = None) -> int | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from attune_sse.storage.store import EXECUTION_STATUSES
 
@@ -42,8 +42,9 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, **_json(schema)}
 
 
-BEARER = [{"bearer": []}]
-STREAM_AUTH = [{"bearer": []}, {"queryToken": []}]
+# Security requirements: each maps a scheme to the scopes it needs (none).
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+STREAM_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"queryToken": []}]
 COMMON = (400, 401, 408, 413, 503)
 ID_PARAM = {"name": "execution_id", "in": "path", "required": True,
             "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}
@@ -219,5 +220,5 @@ SCHEMAS: dict[str, Any] = {
 
 
 @bp.get("/api/v1/openapi.json")
-def openapi_json() -> object:
+def openapi_json() -> Response:
     return jsonify(spec())

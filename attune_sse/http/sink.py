@@ -51,15 +51,21 @@ class ClientSocket:
     def try_write(self, chunk: bytes) -> int:
         """Write what the socket takes now, without waiting: the bytes written, or -1 if none
         (full, or gone: the writer's own write will tell which)."""
+        fd = self.fd
+        if fd is None:  # not direct: the hub never asks (a Subscription keeps only direct sinks)
+            return -1
         try:
-            return os.write(self.fd, chunk)
+            return os.write(fd, chunk)
         except OSError:
             return -1
 
     def send_rest(self, data: bytes) -> bool:
         """Finish a chunk ``try_write`` began, bypassing gunicorn (it is framed already); False if gone."""
+        sock = self.sock
+        if sock is None:  # never asked: only a direct write (which needs the socket) leaves a rest
+            return False
         try:
-            self.sock.sendall(data)
+            sock.sendall(data)
         except OSError:
             return False
         return True

@@ -141,6 +141,7 @@ class Feed:
     def _fill(self, through: int) -> None:
         """Events after the position up to ``through`` (every id of which the leader resolved) from the record,
         a page at a time; a prune that overtakes the position (before or during) gives clients a reset."""
+        assert self.position is not None  # apply fills only a gap after the position its first message set
         start = self.position
         while self.position < through:
             with self.backlog_pool.cursor(dict_rows=False) as cur:

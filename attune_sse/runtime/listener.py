@@ -122,6 +122,14 @@ class Listener:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def _position(self) -> int:
+        """The position where it is known: ``_run`` starts it (``_start_position``) before the first
+        read, and nothing sets it back to None, so every read and doorbell finds it set."""
+        position = self.position
+        assert position is not None, "the listener read before it had a position"
+        return position
+
     def start(self) -> Listener:
         if self._greenlet is None or self._greenlet.dead:
             self._greenlet = gevent.spawn(self._run)
@@ -254,7 +262,8 @@ class Listener:
             if claims:
                 # Only a doorbell for an event after the position says something new: under load
                 # most of them are for events a read for an earlier one brought in already.
-                if any(event_id > self.position for event_id, _, _ in claims):
+                position = self._position
+                if any(event_id > position for event_id, _, _ in claims):
                     claims += self._gather(conn)
                     self._read(conn)
                 self._check(conn, claims)
@@ -289,11 +298,12 @@ class Listener:
             # While an id is missing, only up to the event seen after it: the rest was read already.
             through = None if gap is None else gap.below
             self._last_read = time.monotonic()
+            position = self._position
             with conn.cursor() as cur:
-                page = record.events_after(cur, self.position, through=through, prepared=True)
+                page = record.events_after(cur, position, through=through, prepared=True)
             events = page.events
             run = 0  # the events that follow the position without a hole
-            while run < len(events) and events[run].event_id == self.position + 1 + run:
+            while run < len(events) and events[run].event_id == position + 1 + run:
                 run += 1
             self._publish(events[:run])
             published += run
@@ -321,7 +331,7 @@ class Listener:
             recent.popitem(last=False)
 
     def _gap_before(self, below: int) -> None:
-        first = self.position + 1
+        first = self._position + 1
         if self._gap is None or self._gap.first != first:
             now = time.monotonic()
             self._gap = _Gap(first=first, below=below, since=now, next_look=now + GAP_GRACE)
@@ -350,7 +360,8 @@ class Listener:
         # Whoever drew the missing ids has ended: what the record holds up to `below` is all there will be.
         # Read it all first (a few events: `below` is the first one seen after the gap), so the log says
         # what was passed before any client gets the events after it.
-        start, found, after = self.position, [], self.position
+        start = after = self._position
+        found: list[ExecutionEvent] = []
         while True:
             with conn.cursor() as cur:
                 page = record.events_after(cur, after, through=gap.below, prepared=True)
@@ -368,7 +379,7 @@ class Listener:
         return True
 
     def _pass(self, position: int) -> None:
-        self.position = max(self.position, position)
+        self.position = max(self._position, position)
         self.hub.advance(self.position)
         self._gap = None
 

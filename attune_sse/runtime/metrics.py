@@ -58,7 +58,8 @@ class Metrics:
     hub: Hub
     feed: Feed
     listener: Callable[[], Listener | None]  # this worker's LISTEN, if it holds one
-    registry: CollectorRegistry | None = None
+    # Where the metrics live outside multiprocess mode (there, unused: the files are summed at scrape time).
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     _last: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -196,10 +196,11 @@ class Relay:
     def _run(self) -> None:
         while True:
             try:
-                if self.relay_dir is None or self._try_lock():
+                relay_dir = self.relay_dir
+                if relay_dir is None or self._try_lock(relay_dir):
                     self._lead()  # returns only if the lock file was taken from under it
                 else:
-                    self._follow()
+                    self._follow(relay_dir)
             except Exception:
                 # A bug or a source that cannot start: say so, let another worker try, stand again.
                 log.exception("relay: worker %d failed as %s; standing again in 1s", os.getpid(), self.role)
@@ -208,8 +209,8 @@ class Relay:
                 continue
             gevent.sleep(random.uniform(0.02, 0.1))
 
-    def _try_lock(self) -> bool:
-        path = self.relay_dir / LOCK_FILE
+    def _try_lock(self, relay_dir: Path) -> bool:
+        path = relay_dir / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -231,8 +232,9 @@ class Relay:
         was = self.role
         self.role = "leader"
         self.leader_pid = os.getpid()
-        if self.relay_dir is not None:
-            self.followers = Followers(self.relay_dir / SOCKET_FILE, self._hello)
+        relay_dir = self.relay_dir
+        if relay_dir is not None:
+            self.followers = Followers(relay_dir / SOCKET_FILE, self._hello)
             log.info("relay: worker %d leads its instance%s, from event %s", os.getpid(),
                      " (the previous leader is gone)" if was == "follower" else "", self.feed.position)
         self.source = self.make_source(self)
@@ -241,18 +243,19 @@ class Relay:
             beat = getattr(self.source, "beat", None)
             if beat is not None:
                 beat()
-            if self.relay_dir is not None and not self._still_ours():
+            if relay_dir is not None and not self._still_ours(relay_dir):
                 log.error("relay: the instance's lock file or socket in %s was removed (a /tmp cleaner?); "
-                          "worker %d steps down and the workers elect again", self.relay_dir, os.getpid())
+                          "worker %d steps down and the workers elect again", relay_dir, os.getpid())
                 self._step_down()
                 return
 
-    def _still_ours(self) -> bool:
+    def _still_ours(self, relay_dir: Path) -> bool:
+        followers = self.followers
         try:
-            socket_ours = os.stat(self.relay_dir / SOCKET_FILE).st_ino == self.followers.inode
-        except (FileNotFoundError, AttributeError):
+            socket_ours = followers is not None and os.stat(relay_dir / SOCKET_FILE).st_ino == followers.inode
+        except FileNotFoundError:
             socket_ours = False
-        return self._lock_fd is not None and _same_file(self._lock_fd, self.relay_dir / LOCK_FILE) and socket_ours
+        return self._lock_fd is not None and _same_file(self._lock_fd, relay_dir / LOCK_FILE) and socket_ours
 
     def _step_down(self) -> None:
         if self.source is not None:
@@ -274,16 +277,16 @@ class Relay:
         return encode(Message(after=self.feed.position, to=self.feed.position, ok=self.feed.upstream_ok,
                               epoch=self.feed.epoch or 0, base=self.feed.base))
 
-    def _follow(self) -> None:
+    def _follow(self, relay_dir: Path) -> None:
         """Read the leader until its socket closes or goes silent."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(self.relay_dir / SOCKET_FILE))
+            sock.connect(str(relay_dir / SOCKET_FILE))
         except OSError:
             sock.close()  # no leader serving yet (it is starting, or just died): elect again
             return
         try:
-            self.leader_pid = int((self.relay_dir / LOCK_FILE).read_text() or 0) or None
+            self.leader_pid = int((relay_dir / LOCK_FILE).read_text() or 0) or None
         except (OSError, ValueError):
             self.leader_pid = None
         if self.role != "follower":

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -166,7 +166,9 @@ def user_create(login: str, password: str, display_name: str | None, admin: bool
 
     config = _load(config_path)
     with _migrated_cursor(config) as cur:
-        created = store.insert_identity(cur, login, display_name or login, generate_password_hash(password))
+        # This cursor's rows are plain tuples (assign_permission_set needs them), not store.Row's dicts.
+        created = cast("tuple[Any, ...] | None",
+                       store.insert_identity(cur, login, display_name or login, generate_password_hash(password)))
         if created is None:
             raise click.ClickException(f"login {login!r} is already taken")
         if admin:

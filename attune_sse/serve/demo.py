@@ -44,6 +44,7 @@ def seed(url: str) -> None:
     with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:  # the API's own SQL (store.py)
         store.insert_pack(cur, "demo", "Demo pack", None, "0.1.0")
         pack = store.pack_by_ref(cur, "demo")
+        assert pack is not None  # inserted just now, or there from an earlier run (insert_pack skips a taken ref)
         for ref in ACTIONS:
             store.insert_action(cur, pack, ref, ref.split(".", 1)[1].replace("_", " "), None, "")
         if store.identity_by_login(cur, LOGIN) is None:
@@ -103,7 +104,9 @@ def generate(url: str, rate: float) -> None:
                 action = random.choice(ACTIONS)
                 cur.execute("INSERT INTO attune.execution (action_ref, status) VALUES (%s, 'requested') "
                             "RETURNING id", (action,))
-                live.append({"id": cur.fetchone()[0], "steps": _path(), "due": now + random.uniform(0.3, 1.5)})
+                row = cur.fetchone()
+                assert row is not None  # an INSERT ... RETURNING without ON CONFLICT returns its row
+                live.append({"id": row[0], "steps": _path(), "due": now + random.uniform(0.3, 1.5)})
                 made += 1
                 next_new = now + random.expovariate(rate)
             for execution in [e for e in live if e["due"] <= now]:

@@ -12,8 +12,9 @@ import resource
 import shutil
 import sys
 import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gunicorn.glogging import Logger
 
@@ -21,6 +22,9 @@ from attune_sse.config import ENV_PREFIX, Config, check_production, load_config
 from attune_sse.runtime.relay import RELAY_DIR_ENV
 from attune_sse.storage.db import make_psycopg2_green, start_database
 from attune_sse.storage.migrate import apply_migrations
+
+if TYPE_CHECKING:
+    from gunicorn.glogging import _AtomsDict  # types-gunicorn's (type_check_only): what atoms() returns
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,10 @@ def _escape(text: str) -> str:
 class AccessLogger(Logger):
     """gunicorn's logger with every request-supplied value of the access line escaped."""
 
-    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
-        return {key: _escape(value) if isinstance(value, str) else value
-                for key, value in super().atoms(resp, req, environ, request_time).items()}
+    def atoms(self, resp: Any, req: Any, environ: MutableMapping[str, Any], request_time: Any) -> _AtomsDict:
+        # The same keys, and each value of the same type (a str stays a str): gunicorn's atoms, escaped.
+        return cast("_AtomsDict", {key: _escape(value) if isinstance(value, str) else value
+                                   for key, value in super().atoms(resp, req, environ, request_time).items()})
 
 
 def logging_config(config: Config) -> dict[str, Any]:

@@ -246,10 +246,12 @@ class EmbeddedPostgres:
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         # Under root, drop the root group too: a folder's group bits would otherwise
         # apply to the server instead of the "other" bits that _prepare_dirs opens.
-        as_user = {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
+        # (None for all three, subprocess's defaults, when not root: as ourselves.)
+        user = self._user
         try:
             return subprocess.run(
-                list(args), check=True, capture_output=True, text=True, timeout=60, **as_user,
+                list(args), check=True, capture_output=True, text=True, timeout=60,
+                user=user, group=user, extra_groups=[] if user else None,
             )
         except subprocess.CalledProcessError as exc:
             tail = ""

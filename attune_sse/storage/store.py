@@ -249,7 +249,8 @@ _UNSET = object()
 def update_execution(cur: Any, execution_id: int, *, status: str | None = None,
                      result: Any = _UNSET) -> Row | None:
     """Change status and/or result; None when there is no such execution."""
-    sets, params = [], []
+    sets: list[str] = []
+    params: list[str | Json] = []  # values for the placeholders of ``sets``
     if status is not None:
         sets.append("status = %s::attune.execution_status_enum")
         params.append(status)
