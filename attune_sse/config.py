@@ -351,3 +351,36 @@ def log_level(config: Config) -> int:
     """The logging level the config names."""
     name = config["log.level"].upper()
     return logging.WARNING if name == "WARN" else getattr(logging, name)
+
+
+def settings_reference() -> str:
+    """The "Every key" tables of docs/configuration.md, made from SETTINGS (scripts/config-docs writes
+    them; a test fails when the file is stale)."""
+    sections: dict[str, list[Setting]] = {}
+    for setting in SETTINGS:
+        section = setting.key.rpartition(".")[0] or "(top level)"
+        sections.setdefault(section, []).append(setting)
+    lines = []
+    for section, settings in sections.items():
+        lines += [f"### {section}", "", "| key | default | what it is |", "|---|---|---|"]
+        lines += [f"| `{s.key}` | {_shown_default(s)} | {s.help} |" for s in settings]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _shown_default(setting: Setting) -> str:
+    value = setting.default
+    if value is _REQUIRED:
+        return "(required)"
+    if value == "" or value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`"
+    shown = f"`{value}`"
+    if isinstance(value, int) and value >= 1024 * 1024 and value % (1024 * 1024) == 0 and "bytes" in setting.key:
+        shown += f" ({value // (1024 * 1024)} MiB)"
+    elif isinstance(value, int) and value >= 86400 and value % 86400 == 0 and "seconds" in setting.key:
+        shown += f" ({value // 86400} days)"
+    return shown

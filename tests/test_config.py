@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from attune_sse.config import load_config
+from attune_sse.config import load_config, settings_reference
 from attune_sse.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,3 +110,11 @@ def test_unknown_keys_are_reported_not_fatal(tmp_path: Path, caplog: pytest.LogC
                          environ={})
     assert config["database.url"] == "embedded"
     assert "database.max_connections" in caplog.text
+
+
+def test_the_configuration_docs_list_every_setting_as_declared() -> None:
+    """docs/configuration.md's tables are SETTINGS as they are (scripts/config-docs writes them)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    written = re.search(r"<!-- settings: .*? -->\n(.*?)<!-- end of settings -->", doc, re.S)
+    assert written is not None, "docs/configuration.md lost its settings markers"
+    assert written.group(1) == settings_reference(), "docs/configuration.md is stale: run scripts/config-docs"
