@@ -9,6 +9,7 @@ read as a YAML scalar so ``true``, ``8080`` and ``[a, b]`` keep their types.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -324,6 +325,10 @@ def load_config(
     if values["events.fanout"] == "redis" and not values["events.redis_url"]:
         raise ConfigError("events.redis_url", "missing; events.fanout: redis needs the Redis server's URL "
                           "(redis://host:port/0), or set events.fanout: postgres")
+    if values["events.fanout"] == "redis" and importlib.util.find_spec("redis") is None:
+        # Found now, in one line, rather than by a leader that would retry every second for ever.
+        raise ConfigError("events.fanout", "redis needs the redis package: pip install 'attune-sse[redis]' "
+                          "(or set events.fanout: postgres)")
     return Config(values, source)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from attune_sse.config import load_config, settings_reference
 from attune_sse.errors import ConfigError
+
+FIND_SPEC = importlib.util.find_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +121,14 @@ def test_the_configuration_docs_list_every_setting_as_declared() -> None:
     written = re.search(r"<!-- settings: .*? -->\n(.*?)<!-- end of settings -->", doc, re.S)
     assert written is not None, "docs/configuration.md lost its settings markers"
     assert written.group(1) == settings_reference(), "docs/configuration.md is stale: run scripts/config-docs"
+
+
+def test_redis_fanout_without_the_redis_package_stops_start_up(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a leader retrying every second for ever: one line at start-up naming the extra to install."""
+    # What the import system says of a package that is not installed.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else FIND_SPEC(name, *a))
+    text = "database: {url: embedded}\nsecurity: {jwt_secret: s}\nevents: {fanout: redis, redis_url: 'redis://r'}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert info.value.key == "events.fanout" and "attune-sse[redis]" in str(info.value)
