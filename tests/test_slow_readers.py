@@ -11,6 +11,8 @@ gets every event.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ EVENTS = 40
 RESULT_BYTES = 2 * 1024 * 1024
 CLIENT_BOUND = 4 * 1024 * 1024
 WORKER_BOUND = 12 * 1024 * 1024
+TRICKLING = 10
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,18 @@ def _memory(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} for {pid}")
 
 
+def _trickle(stream: RawStream) -> None:
+    """Read 100 KB every 0.1 s (about 1 MB/s) until the server closes the connection."""
+    stream.sock.settimeout(30)
+    while True:
+        try:
+            if not stream.sock.recv(100_000):
+                return
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
 def test_slow_readers_are_dropped_before_they_cost_more_than_the_bound(bounded: ServerProcess, token: str,
                                                                        db: Any, new_execution: Any) -> None:
     (pid,) = bounded.worker_pids()
@@ -62,8 +77,7 @@ def test_slow_readers_are_dropped_before_they_cost_more_than_the_bound(bounded: 
         for n in range(1, EVENTS + 1):
             cur.execute("UPDATE attune.execution SET status = 'running', result = %s WHERE id = %s",
                         (json.dumps({"n": n, "output": "x" * RESULT_BYTES}), execution_id))
-            event = fast.next_event(timeout=20)
-            assert event.json["data"]["result"]["n"] == n
+            assert fast.next_event(timeout=20).json["data"]["result"]["n"] == n
     peak = _memory(pid, "VmHWM")
     for stream in slow:
         assert stream.read_until_closed(10), "the server dropped the reader that did not read"
@@ -75,3 +89,40 @@ def test_slow_readers_are_dropped_before_they_cost_more_than_the_bound(bounded: 
     print(f"worker memory: {before / 2**20:.0f} MiB before, peak {peak / 2**20:.0f} MiB "
           f"(+{growth / 2**20:.0f} MiB) while {EVENTS} events of {RESULT_BYTES / 2**20:.0f} MiB went by")
     assert growth < 40 * 1024 * 1024, f"grew {growth / 2**20:.0f} MiB"
+
+
+@pytest.fixture
+def defaults(database: Any, tmp_path: Any) -> Any:
+    """A worker with the default bounds (32 MiB a client) and the kernel's own send buffers."""
+    srv = ServerProcess(server_config(database, server={"workers": 1}), tmp_path).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_readers_dropped_while_the_server_writes_to_them_leave_no_traceback(defaults: ServerProcess, token: str,
+                                                                            db: Any, new_execution: Any) -> None:
+    """Readers that read, but slower than a burst comes, are dropped while the server is blocked writing
+    to them. gunicorn logged a traceback for each: the drop (gevent's shutdown) failed that write with
+    EBADF, "File descriptor was closed in another greenlet"; now it fails with EPIPE, the client gone."""
+    execution_id = new_execution()
+    before = requests.get(defaults.base_url + "/readyz", timeout=5).json()["data"]["hub"]["overflows"]
+    trickling = [RawStream(defaults.base_url, {"token": token, "execution_id": execution_id}, receive_buffer=65536)
+                 for _ in range(TRICKLING)]
+    readers = [threading.Thread(target=_trickle, args=(stream,), daemon=True) for stream in trickling]
+    for reader in readers:
+        reader.start()
+    wait_until(lambda: requests.get(defaults.base_url + "/readyz", timeout=5).json()["data"]["streams"] >= TRICKLING, 10,
+               "the streams to be held")
+    with db.cursor() as cur:
+        for n in range(1, 31):
+            cur.execute("UPDATE attune.execution SET status = 'running', result = %s WHERE id = %s",
+                        (json.dumps({"n": n, "output": "x" * RESULT_BYTES}), execution_id))
+    for reader in readers:
+        reader.join(30)
+        assert not reader.is_alive(), "the server dropped the reader that read too slowly"
+    hub = requests.get(defaults.base_url + "/readyz", timeout=5).json()["data"]["hub"]
+    assert hub["overflows"] - before == TRICKLING
+    log = defaults.log()
+    assert "Socket error processing request" not in log and "Traceback" not in log, log[-3000:]

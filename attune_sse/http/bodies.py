@@ -33,6 +33,8 @@ from typing import Any
 
 import gevent
 
+from attune_sse.http.sink import shutdown_os_socket
+
 log = logging.getLogger(__name__)
 
 GRACE = 5.0  # seconds any body may take, whatever its rate
@@ -73,8 +75,8 @@ def _linger_after(payload: bytes, sock: socket.socket | None) -> Iterator[bytes]
     if sock is None:
         return
     try:
-        # The plain socket's shutdown, also under TLS (sink.py says why): the client reads the answer, then EOF.
-        socket.socket.shutdown(sock, socket.SHUT_WR)
+        # The client reads the answer, then EOF (sink.py says why the OS socket's shutdown).
+        shutdown_os_socket(sock, socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_SECONDS
         dropped = 0
         while dropped < LINGER_BYTES:

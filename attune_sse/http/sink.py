@@ -83,6 +83,21 @@ class ClientSocket:
     def _shutdown(self, how: int) -> None:
         if self.sock is not None:
             with contextlib.suppress(OSError):  # the client is gone already
-                # The plain socket's shutdown, also under TLS: ssl.SSLSocket.shutdown would drop
-                # its TLS state, and gunicorn's next write would go out unencrypted.
-                socket.socket.shutdown(self.sock, how)
+                shutdown_os_socket(self.sock, how)
+
+
+def shutdown_os_socket(sock: socket.socket, how: int) -> None:
+    """Shut the operating system's socket under ``sock``, whatever wraps it.
+
+    Not ssl.SSLSocket's shutdown: it would drop the TLS state, and gunicorn's
+    next write would go out unencrypted. Not gevent's either: it fails every
+    greenlet waiting on the socket with EBADF ("File descriptor was closed in
+    another greenlet"), and gunicorn logs a traceback for the stream whose
+    write it was; the OS socket's shutdown makes that write fail with EPIPE,
+    which gunicorn takes as the client gone.
+    """
+    os_socket = getattr(sock, "_sock", None)  # gevent's socket (and its SSLSocket) wrap it here
+    if os_socket is not None:
+        os_socket.shutdown(how)
+    else:
+        socket.socket.shutdown(sock, how)
