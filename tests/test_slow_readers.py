@@ -113,8 +113,8 @@ def test_readers_dropped_while_the_server_writes_to_them_leave_no_traceback(defa
     readers = [threading.Thread(target=_trickle, args=(stream,), daemon=True) for stream in trickling]
     for reader in readers:
         reader.start()
-    wait_until(lambda: requests.get(defaults.base_url + "/readyz", timeout=5).json()["data"]["streams"] >= TRICKLING, 10,
-               "the streams to be held")
+    wait_until(lambda: requests.get(defaults.base_url + "/readyz", timeout=5).json()["data"]["streams"]
+               >= TRICKLING, 10, "the streams to be held")
     with db.cursor() as cur:
         for n in range(1, 31):
             cur.execute("UPDATE attune.execution SET status = 'running', result = %s WHERE id = %s",
