@@ -47,6 +47,8 @@ def storable_problem(value: Any, depth: int = 0) -> str | None:
 def text_problem(text: str) -> str | None:
     if "\x00" in text:
         return "contains a NUL character (\\u0000), which cannot be stored"
+    if text.isascii():
+        return None  # no surrogate: and no need to encode a copy of a text of megabytes to know it
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
