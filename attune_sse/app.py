@@ -47,6 +47,8 @@ SECURITY_HEADERS = {
 CACHEABLE = {"static", "ui"}
 # How long /readyz waits for one of the REST pool's connections before it says the worker is not ready.
 READY_POOL_WAIT = 2.0
+# A read of the schema, as every request makes: a role that lost USAGE on it (or SELECT) fails it.
+READY_PROBE = "SELECT generation FROM attune.access_generation"
 
 
 class JSONProvider(DefaultJSONProvider):
@@ -160,7 +162,7 @@ def readyz() -> Any:
     """Ready: the database answers and events reach this worker."""
     app_state = state()
     try:
-        app_state.pool.check(READY_POOL_WAIT)
+        app_state.pool.check(READY_POOL_WAIT, READY_PROBE)
     except NotReady as exc:
         raise NotReady(f"Not ready: {exc.message}", code=exc.code) from None
     feed, relay = app_state.feed, app_state.relay

@@ -72,6 +72,15 @@ def test_a_write_the_database_refuses_is_a_503_that_names_why(limited: ServerPro
     finally:
         database.query(f"GRANT INSERT ON attune.execution_event TO {ROLE}")
 
+    # The role loses USAGE on the schema: every request is refused, and so is /readyz.
+    database.query(f"REVOKE USAGE ON SCHEMA attune FROM {ROLE}")
+    try:
+        ready = requests.get(limited.base_url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["code"] == "DATABASE_PERMISSION_DENIED", ready.text
+    finally:
+        database.query(f"GRANT USAGE ON SCHEMA attune TO {ROLE}")
+    assert requests.get(limited.base_url + "/readyz", timeout=5).status_code == 200
+
     # The database goes read-only for the role (as a standby would be).
     database.query(f"ALTER ROLE {ROLE} SET default_transaction_read_only = on")
     try:

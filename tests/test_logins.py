@@ -72,13 +72,63 @@ def test_the_cli_enforces_the_same_profile(config_file: str) -> None:
     created = runner.invoke(main, ["user", "create", _fullwidth(login), "--password", PASSWORD, "-c", config_file])
     assert created.exit_code == 0, created.output
     assert f"({login.lower()})" in created.output
-    frozen = runner.invoke(main, ["user", "freeze", login, "-c", config_file])
-    assert frozen.exit_code == 0 and f"froze {login.lower()}" in frozen.output, frozen.output
+    frozen = runner.invoke(main, ["user", "freeze", login, "-c", config_file])  # as typed: found by its key
+    assert frozen.exit_code == 0 and f"froze {login}" in frozen.output, frozen.output
 
 
-def test_enforce_and_lookup_form() -> None:
+def test_enforce_key_of_and_counted_as() -> None:
     assert logins.enforce("Admin") == logins.enforce(_fullwidth("admin")) == "admin"
     with pytest.raises(logins.InvalidLogin) as refused:
         logins.enforce("")
     assert refused.value.reason == "is empty"
-    assert logins.lookup_form("ad\u202emin") == "ad\u202emin", "a login made before (or elsewhere) is found as is"
+    assert logins.key_of("ad\u202emin") is None, "a login the profile refuses has no key: found as it is stored"
+    assert logins.counted_as(_fullwidth("ADMIN")) == logins.counted_as("admin") == "admin"
+
+
+def test_identities_stored_as_typed_elsewhere_keep_their_logins_and_their_look_alikes(server: Any, database: Any,
+                                                                                     config_file: str) -> None:
+    """Identities made before logins were compared so, or by another service, hold logins as they were
+    typed (mixed case, decomposed, fullwidth). They still log in, however the login is typed; nobody can
+    register a look-alike of one; the CLI acts on the identity it names."""
+    from werkzeug.security import generate_password_hash
+
+    tag = uuid.uuid4().hex[:6]
+    stored = [f"Alice-{tag}", unicodedata.normalize("NFD", f"José-{tag}"), _fullwidth(f"Bob-{tag}")]
+    hashed = generate_password_hash(PASSWORD)
+    ids = {}
+    for login in stored:
+        ((ids[login],),) = database.query(
+            "INSERT INTO attune.identity (login, display_name, password_hash) VALUES (%s, %s, %s) RETURNING id",
+            (login, login, hashed))
+    for login in stored:
+        for typed in (login, logins.enforce(login), _fullwidth(logins.enforce(login).upper())):
+            answer = requests.post(server.base_url + "/auth/login", json={"login": typed, "password": PASSWORD},
+                                   timeout=10)
+            assert answer.status_code == 200, (login, typed, answer.text)
+            assert answer.json()["data"]["user"]["id"] == ids[login]
+        taken = _register(server, logins.enforce(login))
+        assert taken.status_code == 409 and taken.json()["code"] == "LOGIN_TAKEN", (login, taken.text)
+    runner = CliRunner()
+    frozen = runner.invoke(main, ["user", "freeze", f"alice-{tag}", "-c", config_file])
+    assert frozen.exit_code == 0, frozen.output
+    ((is_frozen,),) = database.query("SELECT frozen FROM attune.identity WHERE id = %s", (ids[stored[0]],))
+    assert is_frozen, "the CLI froze the identity stored as Alice-..., the one its login names"
+
+
+def test_two_stored_look_alikes_keep_logging_in_by_their_exact_logins(server: Any, database: Any) -> None:
+    """Two identities stored elsewhere as ``Dup-x`` and ``DUP-x``: one key for both cannot be, so the
+    first keeps it; each still logs in by its exact login, and the look-alike names the first."""
+    from werkzeug.security import generate_password_hash
+
+    tag = uuid.uuid4().hex[:6]
+    first, second = f"Dup-{tag}", f"DUP-{tag}"
+    ids = [database.query("INSERT INTO attune.identity (login, password_hash) VALUES (%s, %s) RETURNING id",
+                          (login, generate_password_hash(PASSWORD)))[0][0] for login in (first, second)]
+    _register(server, f"trigger-{tag}")  # an identity made: the ones without a key get theirs first
+    keys = dict(database.query("SELECT id, login_key FROM attune.identity WHERE id = ANY(%s)", (ids,)))
+    assert keys == {ids[0]: f"dup-{tag}", ids[1]: None}
+    for typed, expected in ((first, ids[0]), (second, ids[1]), (f"dup-{tag}", ids[0])):
+        answer = requests.post(server.base_url + "/auth/login", json={"login": typed, "password": PASSWORD},
+                               timeout=10)
+        assert answer.status_code == 200 and answer.json()["data"]["user"]["id"] == expected, (typed, answer.text)
+    assert f"its login '{second}' looks like another identity's" in server.log()

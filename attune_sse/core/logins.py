@@ -5,7 +5,9 @@
 a space, a control character, an invisible format character (a zero-width
 space, a bidi override) or a character Unicode does not assign is refused, so
 two logins never look the same and differ. New identities are stored in the
-enforced form, so the unique constraint on ``login`` refuses a look-alike.
+enforced form, and every identity's ``login_key`` is it (store.fill_login_keys
+fills it for logins stored before, as typed): its unique index refuses a
+look-alike of any login, and a login is found by its exact text or its key.
 precis-i18n implements the profile (its own tables, from the Unicode data).
 """
 
@@ -51,10 +53,15 @@ def enforce(login: str) -> str:
         raise InvalidLogin(login, _REASONS.get(code, f"holds a character a login may not hold ({code})")) from None
 
 
-def lookup_form(login: str) -> str:
-    """What to look a given login up by: its enforced form, or the text as given when the profile refuses
-    it (an identity made before logins were enforced, or by another service, may have such a login)."""
+def key_of(login: str) -> str | None:
+    """What two logins that look the same have in common: the enforced form (None if the profile refuses
+    the login: an identity made before logins were enforced, or by another service, may have one)."""
     try:
         return enforce(login)
     except InvalidLogin:
-        return login
+        return None
+
+
+def counted_as(login: str) -> str:
+    """Whose failed logins a given login counts toward: every look-alike of one login counts as one."""
+    return key_of(login) or login

@@ -151,10 +151,11 @@ def login() -> Any:
     database, so every worker and instance shares the count): past
     security.login_max_failures within the window, 429 until the oldest expires."""
     body = json_body()
-    login_name = logins.lookup_form(required_string(body, "login", max_length=255))
+    typed = required_string(body, "login", max_length=255)
+    login_name = logins.counted_as(typed)  # failures of every look-alike count together
     password = required_string(body, "password", max_length=1024)
     address = request.remote_addr or "unknown"
-    attempt, identity = _begin_login(login_name, address)
+    attempt, identity = _begin_login(login_name, typed, address)
     # The same work whether the login exists or not: its answer takes as long.
     stored_hash = identity["password_hash"] if identity is not None else None  # None: no such login
     has_password = bool(stored_hash)
@@ -178,7 +179,7 @@ def login() -> Any:
 LOGIN_QUEUE_SECONDS = 10.0  # how long an attempt waits for the pair's attempts in flight
 
 
-def _begin_login(login_name: str, address: str) -> tuple[int, dict[str, Any] | None]:
+def _begin_login(login_name: str, typed: str, address: str) -> tuple[int, dict[str, Any] | None]:
     """Record an attempt of the pair before its password is checked: (its id, the identity).
 
     Counted under a lock of the pair, with the attempts of it being checked now: of
@@ -200,8 +201,10 @@ def _begin_login(login_name: str, address: str) -> tuple[int, dict[str, Any] | N
                 raise TooManyRequests(f"Too many failed logins; try again in {retry_after} s.",
                                       code="TOO_MANY_LOGIN_FAILURES", headers={"Retry-After": str(retry_after)})
             if failures + checking < limit:
-                return (store.begin_login_attempt(cur, login_name, address, window),
-                        store.identity_by_login(cur, login_name))
+                identity = store.identity_by_login(cur, typed)
+                if identity is None and store.fill_login_keys(cur):
+                    identity = store.identity_by_login(cur, typed)  # made elsewhere, as typed there
+                return store.begin_login_attempt(cur, login_name, address, window), identity
         gevent.sleep(0.05)  # no connection held while waiting
 
 

@@ -38,11 +38,11 @@ def _migrated_cursor(config: Config, *, dict_rows: bool = False) -> Iterator[Any
     import psycopg2.extras
 
     from attune_sse.storage.db import connect, database
-    from attune_sse.storage.migrate import apply_migrations
+    from attune_sse.storage.migrate import migrate_database
 
     try:
         with database(config) as url:
-            apply_migrations(url)
+            migrate_database(url)
             conn = connect(url)
             try:
                 factory = psycopg2.extras.RealDictCursor if dict_rows else None
@@ -96,12 +96,12 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
 def migrate(config_path: str | None) -> None:
     """Apply the SQL migrations of sql/ that the database has not applied yet."""
     from attune_sse.storage.db import database
-    from attune_sse.storage.migrate import apply_migrations
+    from attune_sse.storage.migrate import migrate_database
 
     config = _load(config_path)
     try:
         with database(config) as url:
-            applied = apply_migrations(url)
+            applied = migrate_database(url)
     except AttuneError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else "; up to date"))
@@ -127,13 +127,6 @@ def prune(config_path: str | None, older_than: int | None, keep: int | None) -> 
     with _migrated_cursor(config) as cur:
         deleted, horizon = record.prune(cur, **kwargs)
     click.echo(f"pruned {deleted} event(s); the record now starts after event {horizon}")
-
-
-def _login(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """An existing identity's login as given: looked up in its stored form (core/logins.py)."""
-    from attune_sse.core import logins
-
-    return logins.lookup_form(value)
 
 
 def _new_login(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -186,7 +179,7 @@ def _identity_change(config_path: str | None, login: str, change: Callable[[Any]
 
 
 @user.command("freeze")
-@click.argument("login", callback=_login)
+@click.argument("login")
 @config_option
 def user_freeze(login: str, config_path: str | None) -> None:
     """Refuse LOGIN everywhere (its tokens, refreshes, logins and open streams) until unfrozen."""
@@ -196,7 +189,7 @@ def user_freeze(login: str, config_path: str | None) -> None:
 
 
 @user.command("unfreeze")
-@click.argument("login", callback=_login)
+@click.argument("login")
 @config_option
 def user_unfreeze(login: str, config_path: str | None) -> None:
     """Let a frozen LOGIN in again (its unexpired tokens work again)."""
@@ -206,7 +199,7 @@ def user_unfreeze(login: str, config_path: str | None) -> None:
 
 
 @user.command("delete")
-@click.argument("login", callback=_login)
+@click.argument("login")
 @config_option
 def user_delete(login: str, config_path: str | None) -> None:
     """Delete LOGIN: its tokens stop working, its streams end; its executions stay."""
@@ -249,7 +242,7 @@ def permset_create(ref: str, grants: str, label: str | None, replace: bool, conf
 
 
 @permset.command("assign")
-@click.argument("login", callback=_login)
+@click.argument("login")
 @click.argument("ref")
 @config_option
 def permset_assign(login: str, ref: str, config_path: str | None) -> None:
@@ -260,7 +253,7 @@ def permset_assign(login: str, ref: str, config_path: str | None) -> None:
 
 
 @permset.command("revoke")
-@click.argument("login", callback=_login)
+@click.argument("login")
 @click.argument("ref")
 @config_option
 def permset_revoke(login: str, ref: str, config_path: str | None) -> None:
@@ -280,7 +273,7 @@ def _assignment(config_path: str | None, change: Callable[[Any], str | None], do
 
 
 @main.command()
-@click.argument("login", callback=_login)
+@click.argument("login")
 @click.option("--expires", "expires_in", type=click.IntRange(min=1),
               help="Lifetime in seconds (default: security.jwt_access_expiration).")
 @config_option

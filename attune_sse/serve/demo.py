@@ -28,7 +28,7 @@ from attune_sse.core.grants import ALL_GRANTS
 from attune_sse.serve.launch import Gunicorn
 from attune_sse.storage import store
 from attune_sse.storage.db import database
-from attune_sse.storage.migrate import apply_migrations
+from attune_sse.storage.migrate import migrate_database
 
 ACTIONS = ["demo.deploy", "demo.backup", "demo.health_check", "demo.rotate_logs", "demo.send_report"]
 LOGIN, PASSWORD = "demo", "demo-password"
@@ -71,7 +71,7 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
         signal.signal(signum, _interrupt)
     say(f"starting the embedded PostgreSQL in {data_dir} (a few seconds the first time)...")
     with database(config) as url:
-        apply_migrations(url)
+        migrate_database(url)
         seed(url)
         env = {**os.environ, "ATTUNE_CONFIG": str(config_path), ENV_PREFIX + "DATABASE__URL": url}
         server = Gunicorn(env)

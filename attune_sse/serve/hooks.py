@@ -21,7 +21,7 @@ from gunicorn.glogging import Logger
 from attune_sse.config import ENV_PREFIX, Config, check_production, load_config
 from attune_sse.runtime.relay import RELAY_DIR_ENV
 from attune_sse.storage.db import make_psycopg2_green, start_database
-from attune_sse.storage.migrate import apply_migrations
+from attune_sse.storage.migrate import migrate_database
 
 if TYPE_CHECKING:
     from gunicorn.glogging import _AtomsDict  # types-gunicorn's (type_check_only): what atoms() returns
@@ -99,7 +99,7 @@ def on_starting(server: Any) -> None:
         log.info("using the embedded PostgreSQL on 127.0.0.1:%s (data and password in %s)", embedded.port,
                  embedded.data_dir)
     if config["database.auto_migrate"]:
-        apply_migrations(url)
+        migrate_database(url)
 
 
 def when_ready(server: Any) -> None:

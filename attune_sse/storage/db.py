@@ -106,6 +106,12 @@ def database(config: Config) -> Iterator[str]:
             server.stop()
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (the first of PostgreSQL's), or its class's name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # Errors that are the deployment's state, not the request's fault: a 503 that names it, and one log line.
 REFUSALS: dict[type[Exception], tuple[str, str]] = {
     psycopg2.errors.ReadOnlySqlTransaction: (
@@ -152,7 +158,7 @@ class Pool:
             except tuple(REFUSALS) as exc:
                 conn.rollback()
                 code, message = REFUSALS[type(exc)]
-                log.error("the database refused a write (%s): %s", code, str(exc).strip().splitlines()[0])
+                log.error("the database refused a write (%s): %s", code, one_line(exc))
                 raise NotReady(message, code=code) from None
             except BaseException:
                 if not conn.closed:
@@ -170,14 +176,15 @@ class Pool:
         try:
             conn = connect(self.url)
         except psycopg2.OperationalError as exc:
-            self.connect_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.connect_error = one_line(exc)
             log.error("database unreachable: %s", self.connect_error)
             raise NotReady("The database is unreachable; retry shortly.", code="DATABASE_UNAVAILABLE") from exc
         self.connect_error = None
         return conn
 
-    def check(self, timeout: float) -> None:
-        """NotReady unless a request could get a working connection within ``timeout`` seconds.
+    def check(self, timeout: float, probe: str = "SELECT 1") -> None:
+        """NotReady unless a request could get a working connection within ``timeout`` seconds, on which
+        ``probe`` runs (a query of the tables the requests use: a role that lost its privileges fails it).
 
         An idle connection answering is not enough: when opening new ones fails
         (the server's connection limit reached, say), requests that need one fail
@@ -198,11 +205,15 @@ class Pool:
                 conn = self._reuse_idle() or self._connect()
             try:
                 with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
+                    cur.execute(probe)
                 conn.rollback()
+            except tuple(REFUSALS) as exc:
+                conn.rollback()
+                self._idle.append((conn, time.monotonic()))
+                raise NotReady(f"{REFUSALS[type(exc)][1]} ({one_line(exc)})", code=REFUSALS[type(exc)][0]) from None
             except psycopg2.Error as exc:
                 conn.close()
-                raise NotReady(f"The database does not answer: {str(exc).strip()}.",
+                raise NotReady(f"The database does not answer: {one_line(exc)}.",
                                code="DATABASE_UNAVAILABLE") from None
             self._idle.append((conn, time.monotonic()))
         finally:

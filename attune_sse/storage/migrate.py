@@ -83,6 +83,30 @@ def apply_migrations(url: str, sql_dir: Path = SQL_DIR) -> list[str]:
     return applied_now
 
 
+def migrate_database(url: str) -> list[str]:
+    """What the service and its commands do before they use a database: apply sql/, then key the
+    logins that have no key yet; return the names of the files applied now."""
+    applied = apply_migrations(url)
+    key_logins(url)
+    return applied
+
+
+def key_logins(url: str) -> int:
+    """After the migrations: the identities stored without a login_key get one (store.fill_login_keys);
+    return how many did."""
+    from attune_sse.storage import store
+
+    conn = psycopg2.connect(url, application_name="attune-sse-migrate", connect_timeout=10)
+    try:
+        with conn, conn.cursor() as cur:
+            filled = store.fill_login_keys(cur)
+    finally:
+        conn.close()
+    if filled:
+        log.info("gave %d identities made before logins were compared by RFC 8265 their login key", filled)
+    return filled
+
+
 def _apply_one(conn: Any, path: Path) -> None:
     conn.autocommit = False
     try:

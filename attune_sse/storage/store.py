@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import psycopg2.errors
 from psycopg2.extras import Json
+
+from attune_sse.core import logins
 
 EXECUTION_STATUSES = (
     "requested", "scheduling", "scheduled", "running", "completed",
@@ -13,12 +17,48 @@ EXECUTION_STATUSES = (
 
 Row = dict[str, Any]
 
+log = logging.getLogger(__name__)
+
 # -- identities ----------------------------------------------------------------
+
+# An identity named by a login as given: the one stored with exactly that text, else the one whose
+# login looks the same (login_key: the form core/logins.py compares logins in).
+_ID_BY_LOGIN = """SELECT id FROM attune.identity WHERE login = %(login)s OR login_key = %(key)s
+                   ORDER BY login = %(login)s DESC LIMIT 1"""
+_BY_LOGIN = f"({_ID_BY_LOGIN})"
+
+
+def _named(login: str) -> dict[str, Any]:
+    return {"login": login, "key": logins.key_of(login)}
 
 
 def identity_by_login(cur: Any, login: str) -> Row | None:
-    cur.execute("SELECT * FROM attune.identity WHERE login = %s", (login,))
+    cur.execute(f"SELECT * FROM attune.identity WHERE id = {_BY_LOGIN}", _named(login))
     return cur.fetchone()
+
+
+def fill_login_keys(cur: Any, limit: int = 10_000) -> int:
+    """Give the identities that have none their login_key (made before logins were compared so, or by
+    another service); return how many got one. A login that looks like one already keyed keeps none
+    and is logged: it is found by its exact text only, and no new look-alike of either can be made."""
+    cur.execute("SELECT id, login FROM attune.identity WHERE login_key IS NULL ORDER BY id LIMIT %s", (limit,))
+    filled = 0
+    for row in cur.fetchall():
+        identity_id, login = (row["id"], row["login"]) if isinstance(row, dict) else row
+        key = logins.key_of(login)
+        if key is None:
+            continue  # the profile refuses it: nothing can look like it
+        cur.execute("SAVEPOINT fill_login_key")
+        try:
+            cur.execute("UPDATE attune.identity SET login_key = %s WHERE id = %s AND login_key IS NULL",
+                        (key, identity_id))
+            filled += cur.rowcount
+        except psycopg2.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT fill_login_key")
+            log.warning("identity %s: its login %r looks like another identity's (as RFC 8265 compares "
+                        "logins); it logs in by its exact login only", identity_id, login)
+        cur.execute("RELEASE SAVEPOINT fill_login_key")
+    return filled
 
 
 def lock_login_pair(cur: Any, login: str, address: str) -> None:
@@ -70,24 +110,27 @@ def identity_by_id(cur: Any, identity_id: int) -> Row | None:
 
 
 def insert_identity(cur: Any, login: str, display_name: str | None, password_hash: str) -> Row | None:
-    """The new identity, or None when the login is taken."""
+    """The new identity, or None when the login, or one that looks like it, is taken. ``login`` is in
+    its stored form already (logins.enforce)."""
+    fill_login_keys(cur)  # so that a look-alike of any login stored before is seen
     cur.execute(
-        """INSERT INTO attune.identity (login, display_name, password_hash) VALUES (%s, %s, %s)
-           ON CONFLICT (login) DO NOTHING RETURNING *""",
-        (login, display_name, password_hash),
+        """INSERT INTO attune.identity (login, login_key, display_name, password_hash) VALUES (%s, %s, %s, %s)
+           ON CONFLICT DO NOTHING RETURNING *""",
+        (login, logins.key_of(login), display_name, password_hash),
     )
     return cur.fetchone()
 
 
 def set_frozen(cur: Any, login: str, frozen: bool) -> bool:
     """Freeze or unfreeze; False when there is no such login."""
-    cur.execute("UPDATE attune.identity SET frozen = %s WHERE login = %s", (frozen, login))
+    cur.execute(f"UPDATE attune.identity SET frozen = %(frozen)s WHERE id = {_BY_LOGIN}",
+                {**_named(login), "frozen": frozen})
     return cur.rowcount == 1
 
 
 def delete_identity(cur: Any, login: str) -> bool:
     """Delete an identity (its executions stay, without an executor); False when there is no such login."""
-    cur.execute("DELETE FROM attune.identity WHERE login = %s", (login,))
+    cur.execute(f"DELETE FROM attune.identity WHERE id = {_BY_LOGIN}", _named(login))
     return cur.rowcount == 1
 
 
@@ -125,7 +168,7 @@ def revoke_permission_set(cur: Any, login: str, ref: str) -> str | None:
 
 def _assignment(cur: Any, login: str, ref: str, sql: str) -> str | None:
     """Run ``sql`` with (identity id, set id); ``cur`` gives plain tuples."""
-    cur.execute("SELECT id FROM attune.identity WHERE login = %s", (login,))
+    cur.execute(_ID_BY_LOGIN, _named(login))
     identity = cur.fetchone()
     if identity is None:
         return f"no identity {login!r}"
