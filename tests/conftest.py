@@ -6,6 +6,7 @@ restart), or the server named by ATTUNE_TEST_DATABASE_URL.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -118,6 +119,17 @@ def server_config(database: Database, **sections: dict[str, Any]) -> dict[str, A
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return config
+
+
+@contextlib.contextmanager
+def running(config: dict[str, Any], folder: Any) -> Iterator[ServerProcess]:
+    """A server of a test's (or a module's) own: started, then stopped; a traceback in its log fails."""
+    srv = ServerProcess(config, folder).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        assert "Traceback" not in srv.log(), srv.log()[-5000:]
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ import pytest
 import requests
 
 from attune_sse.storage.embedded import PASSWORD_FILE, EmbeddedPostgres
-from attune_sse.testing import ServerProcess
-from conftest import JWT_SECRET, make_token, server_config
+from conftest import JWT_SECRET, make_token, running, server_config
 from helpers import Api, Stream, wait_until
 
 PASSWORD = "correct horse battery"
@@ -44,12 +43,8 @@ def small_server(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Any
         "workers": 1, "max_streams_per_identity": 3, "body_timeout_seconds": 8, "body_min_rate_bytes": 1024,
         "metrics_allow": [], "proxy_hops": 1,
     }, security={"metrics_token": SCRAPE_TOKEN})
-    srv = ServerProcess(config, tmp_path_factory.mktemp("small")).start()
-    try:
+    with running(config, tmp_path_factory.mktemp("small")) as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert "Traceback" not in srv.log(), srv.log()[-5000:]
 
 
 def test_a_token_whose_subject_is_not_an_id_is_401(server: Any) -> None:

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from attune_sse.testing import ServerProcess
-from conftest import server_config
+from conftest import running, server_config
 from helpers import wait_until
 
 BODY = 50 * 1024 * 1024
@@ -35,12 +35,8 @@ RATE = 50  # updates per second
 @pytest.fixture(scope="module")
 def one_worker(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     config = server_config(database, server={"workers": 1, "max_body_bytes": LIMIT})
-    srv = ServerProcess(config, tmp_path_factory.mktemp("bodies")).start()
-    try:
+    with running(config, tmp_path_factory.mktemp("bodies")) as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert "Traceback" not in srv.log(), srv.log()[-5000:]
 
 
 class Watch:
@@ -158,21 +154,29 @@ def _send_large_body(port: int, path: str, headers: str, size: int = BODY, *, re
 
     sender = threading.Thread(target=push, daemon=True)
     sender.start()
-    answer, answered = b"", None
     try:
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            answer += data
-            answered = answered or time.monotonic() - start
+        answer, answered = _answer(sock, 20, start)
         sender.join(20)
     finally:
         sock.close()
     results.append((answered, answer, sent[0]))
+
+
+def _answer(sock: socket.socket, timeout: float, start: float) -> tuple[bytes, float | None]:
+    """What the server sends until it closes the connection (or ``timeout`` passes), and how many
+    seconds after ``start`` its first bytes came."""
+    answer, answered = b"", None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            break
+        if not data:
+            break
+        answer += data
+        answered = answered or time.monotonic() - start
+    return answer, answered
 
 
 def _under_attack(server: ServerProcess, database: Any, token: str, execution_id: int,
@@ -230,10 +234,11 @@ def test_a_50_mb_body_costs_the_streams_of_its_worker_nothing(one_worker: Server
         assert b'"code": "BODY_TOO_LARGE"' in answer and b"Connection: close" in answer
         assert seconds is not None and seconds < 1.0, f"the 413 came after {seconds} s"
         assert body_sent < BODY, "the connection was closed before the whole body was taken"
-    # Delivery p99 with the attack is within 2x of before. Both are a few ms, and the attackers share the
-    # two cores with the server: a floor of 25 ms keeps that noise from failing the test. (Before the fix,
-    # no event at all was delivered for 40 s and gunicorn killed the worker.)
-    assert during <= 2 * max(before, 0.025), (before, during)
+    # Delivery p99 with the attack is within 2x of before. Both are a few ms (measured: 8-12 ms before,
+    # 12-28 ms during), the attackers share the two cores with the server, and the window's p99 is about
+    # one update's fan-out: a floor of 50 ms keeps one hiccup of a busy machine from failing the test.
+    # (Before the fix no event was delivered for 40 s, and gunicorn killed the worker.)
+    assert during <= max(2 * before, 0.05), (before, during)
 
 
 def test_bodies_at_the_limit_are_read_without_stalling_the_streams(one_worker: ServerProcess, database: Any,
@@ -275,21 +280,12 @@ def test_a_chunked_body_past_the_limit_gets_413_and_the_connection_closes(one_wo
         sock.sendall(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"  # 1 MiB chunks, 64 in all: past the limit
-        answer = b""
         try:
             for _ in range(64):
                 sock.sendall(chunk)
         except OSError:
             pass  # closed by the server, as it should: what it sent is read below
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            answer += data
+        answer, _ = _answer(sock, 5, time.monotonic())
     finally:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from attune_sse.testing import ServerProcess
-from conftest import server_config
+from conftest import running, server_config
 from helpers import Api, wait_until
 
 ROLE = "attune_sse_limited"
@@ -35,11 +35,10 @@ def limited(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     role_url = url._replace(netloc=f"{ROLE}:{password}@{url.hostname}:{url.port}").geturl()
     config = server_config(database, server={"workers": 1})
     config["database"].update(url=role_url, auto_migrate=False)
-    srv = ServerProcess(config, tmp_path_factory.mktemp("limited")).start()
     try:
-        yield srv
+        with running(config, tmp_path_factory.mktemp("limited")) as srv:
+            yield srv
     finally:
-        srv.stop()
         database.query(f"ALTER ROLE {ROLE} CONNECTION LIMIT -1")
         database.query(f"ALTER ROLE {ROLE} RESET default_transaction_read_only")
         database.query(f"REVOKE ALL ON ALL TABLES IN SCHEMA attune FROM {ROLE}")

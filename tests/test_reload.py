@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from attune_sse.testing import ServerProcess
-from conftest import server_config
+from conftest import running, server_config
 from helpers import RawStream, wait_until
 
 WRITERS = 4
@@ -27,11 +27,8 @@ STREAMS = 200
 
 @pytest.fixture
 def reloading(database: Any, tmp_path: Any) -> Any:
-    srv = ServerProcess(server_config(database), tmp_path).start()
-    try:
+    with running(server_config(database), tmp_path) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _writer(base_url: str, token: str, execution_id: int, stop: threading.Event, out: dict[str, Any]) -> None:

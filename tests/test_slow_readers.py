@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from attune_sse.testing import ServerProcess
-from conftest import server_config
+from conftest import running, server_config
 from helpers import RawStream, Stream, wait_until
 
 EVENTS = 40
@@ -35,12 +35,8 @@ def bounded(database: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     config = server_config(database, server={
         "workers": 1, "sse_client_buffer_bytes": CLIENT_BOUND, "sse_worker_buffer_bytes": WORKER_BOUND,
         "sse_send_buffer_bytes": 65536})
-    srv = ServerProcess(config, tmp_path_factory.mktemp("slow")).start()
-    try:
+    with running(config, tmp_path_factory.mktemp("slow")) as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert "Traceback" not in srv.log(), srv.log()[-5000:]
 
 
 def _memory(pid: int, field: str) -> int:
@@ -94,11 +90,8 @@ def test_slow_readers_are_dropped_before_they_cost_more_than_the_bound(bounded: 
 @pytest.fixture
 def defaults(database: Any, tmp_path: Any) -> Any:
     """A worker with the default bounds (32 MiB a client) and the kernel's own send buffers."""
-    srv = ServerProcess(server_config(database, server={"workers": 1}), tmp_path).start()
-    try:
+    with running(server_config(database, server={"workers": 1}), tmp_path) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_readers_dropped_while_the_server_writes_to_them_leave_no_traceback(defaults: ServerProcess, token: str,
