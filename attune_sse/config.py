@@ -352,10 +352,15 @@ def check_production(config: Config) -> None:
                           f"got {len(secret.encode())}")
 
 
+def log_level_name(config: Config) -> str:
+    """The logging module's name of the level the config names (``warn`` is WARNING)."""
+    name = config["log.level"].upper()
+    return "WARNING" if name == "WARN" else name
+
+
 def log_level(config: Config) -> int:
     """The logging level the config names."""
-    name = config["log.level"].upper()
-    return logging.WARNING if name == "WARN" else getattr(logging, name)
+    return getattr(logging, log_level_name(config))
 
 
 def settings_reference() -> str:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (the first of PostgreSQL's, say), or its class's name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class AttuneError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg2
 import requests
 
+from attune_sse.config import CONFIG_ENV, ENV_PREFIX
 from attune_sse.runtime.listener import APPLICATION_NAME
 from attune_sse.serve.launch import Gunicorn
 from attune_sse.storage.embedded import free_port
@@ -56,8 +57,8 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         self.config_path.write_text(json.dumps(self.config))  # JSON is YAML
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE__")}
-        env["ATTUNE_CONFIG"] = str(self.config_path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env[CONFIG_ENV] = str(self.config_path)
         with open(self.log_path, "ab") as log_file:
             self.gunicorn = Gunicorn(env, cwd=ROOT, output=log_file)
         self.process = self.gunicorn.process

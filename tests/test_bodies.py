@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import selectors
 import socket
 import statistics
@@ -180,9 +181,12 @@ def _answer(sock: socket.socket, timeout: float, start: float) -> tuple[bytes, f
 
 
 def _under_attack(server: ServerProcess, database: Any, token: str, execution_id: int,
-                  attack: Callable[[Any], list[Any]]) -> tuple[float, float, list[Any]]:
-    """Delivery p99 to STREAMS streams at RATE updates/s before and during ``attack(pool of attackers)``;
-    and what the attack returned. Fails if a stream ended, missed an update, or the worker was replaced."""
+                  attack: Callable[[Any], list[Any]], rounds: int = 5) -> tuple[float, float, list[Any]]:
+    """Delivery p99 to STREAMS streams at RATE updates/s in quiet windows and in the windows of
+    ``attack(pool of attackers)``, in ``rounds`` rounds of one of each: the medians of both, and what
+    the attacks returned. A window of about a second holds some 10,000 deliveries, so its p99 is about
+    one update's fan-out: one hiccup of a busy machine sets it, and the median of the rounds does not
+    hang on one. Fails if a stream ended, missed an update, or the worker was replaced."""
     pid = requests.get(server.base_url + "/healthz", timeout=5).json()["data"]["pid"]
     watch = Watch(server.port, token, STREAMS)
     stop, sent = threading.Event(), [0]
@@ -190,17 +194,30 @@ def _under_attack(server: ServerProcess, database: Any, token: str, execution_id
     # The attackers run in processes of their own, started before anything is measured: the streams'
     # reader here is not slowed by them, nor the server by ten Python start-ups.
     attackers = multiprocessing.get_context("spawn").Pool(10)
+    # The attackers on one core, the worker and this test's reader on the other: what is measured is what
+    # the attack costs the server, not the attackers' own sends competing with it for the CPU.
+    affinity = os.sched_getaffinity(0)
+    pinned = len(affinity) >= 2
+    if pinned:
+        first, second = sorted(affinity)[:2]
+        for child in multiprocessing.active_children():
+            os.sched_setaffinity(child.pid, {first})
+        os.sched_setaffinity(pid, {second})
+        os.sched_setaffinity(0, {second})
     try:
         attackers.map(_warm_up, [0.5] * 10)
         writer.start()
         wait_until(lambda: len(watch.latencies) > STREAMS * 20, 20, "deliveries to flow")
-        before_start = time.time()
-        time.sleep(4)  # the baseline window: 4 s of deliveries at 50 updates/s
-        before = watch.p99(before_start, time.time())
-        attack_start = time.time()
-        results = attack(attackers)
-        time.sleep(1)  # deliveries just after the attack count too
-        during = watch.p99(attack_start, time.time())
+        quiet, attacked, results = [], [], []
+        for _ in range(rounds):
+            quiet_start = time.time()
+            time.sleep(1.5)
+            quiet.append(watch.p99(quiet_start, time.time()))
+            attack_start = time.time()
+            results += attack(attackers)
+            time.sleep(1)  # deliveries just after the attack count too
+            attacked.append(watch.p99(attack_start, time.time()))
+        before, during = statistics.median(quiet), statistics.median(attacked)
         stop.set()
         writer.join(5)
         total = sent[0]
@@ -210,10 +227,14 @@ def _under_attack(server: ServerProcess, database: Any, token: str, execution_id
         stop.set()
         attackers.terminate()
         watch.close()
+        if pinned:
+            os.sched_setaffinity(0, affinity)
+            os.sched_setaffinity(pid, affinity)
     assert watch.ended == 0, f"{watch.ended} streams ended"
     assert requests.get(server.base_url + "/healthz", timeout=5).json()["data"]["pid"] == pid
     assert "WORKER TIMEOUT" not in server.log()
-    print(f"delivery p99 before {before * 1000:.1f} ms, during the attack {during * 1000:.1f} ms")
+    print(f"delivery p99, median of {rounds} rounds: {before * 1000:.1f} ms quiet, {during * 1000:.1f} ms during "
+          f"the attack (rounds: {[round(q * 1000) for q in quiet]} / {[round(a * 1000) for a in attacked]})")
     return before, during, results
 
 
@@ -228,17 +249,16 @@ def test_a_50_mb_body_costs_the_streams_of_its_worker_nothing(one_worker: Server
              f"Authorization: Bearer {token}\r\n" if n % 4 else "") for n in range(10)])
 
     before, during, results = _under_attack(one_worker, database, token, new_execution(), attack)
-    assert len(results) == 11
+    assert len(results) == 5 * 11
     for seconds, answer, body_sent in results:
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert b'"code": "BODY_TOO_LARGE"' in answer and b"Connection: close" in answer
         assert seconds is not None and seconds < 1.0, f"the 413 came after {seconds} s"
         assert body_sent < BODY, "the connection was closed before the whole body was taken"
-    # Delivery p99 with the attack is within 2x of before. Both are a few ms (measured: 8-12 ms before,
-    # 12-28 ms during), the attackers share the two cores with the server, and the window's p99 is about
-    # one update's fan-out: a floor of 50 ms keeps one hiccup of a busy machine from failing the test.
+    # Delivery p99 with the attack is within 2x of before (the medians of the rounds). Both are a few ms,
+    # and the attackers share the two cores with the server: a floor of 25 ms for "before".
     # (Before the fix no event was delivered for 40 s, and gunicorn killed the worker.)
-    assert during <= max(2 * before, 0.05), (before, during)
+    assert during <= 2 * max(before, 0.025), (before, during)
 
 
 def test_bodies_at_the_limit_are_read_without_stalling_the_streams(one_worker: ServerProcess, database: Any,
@@ -251,8 +271,8 @@ def test_bodies_at_the_limit_are_read_without_stalling_the_streams(one_worker: S
         return attackers.map(_attack, [(one_worker.port, "/api/v1/executions", authorized, LIMIT,
                                         {"valid_json": True}) for _ in range(6)])
 
-    before, during, results = _under_attack(one_worker, database, token, new_execution(), attack)
-    assert len(results) == 6
+    before, during, results = _under_attack(one_worker, database, token, new_execution(), attack, rounds=3)
+    assert len(results) == 3 * 6
     for _seconds, answer, body_sent in results:
         assert answer.startswith(b"HTTP/1.1 422") and b"ACTION_NOT_FOUND" in answer, answer[:300]
         assert body_sent == LIMIT

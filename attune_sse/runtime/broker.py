@@ -31,6 +31,7 @@ import gevent
 import psycopg2
 
 from attune_sse.config import Config
+from attune_sse.errors import one_line
 from attune_sse.runtime.feed import SILENCE_LIMIT, Message, decode, encode
 from attune_sse.runtime.listener import Listener
 from attune_sse.runtime.relay import Broadcast, Relay
@@ -145,7 +146,7 @@ class BrokerSource:
                         # Reading a hole from the record failed: the position has not passed it; read
                         # this entry again in a moment, and the hole with it.
                         log.warning("broker: could not read what the stream left out from the record (%s); "
-                                    "retrying", str(exc).strip() or type(exc).__name__)
+                                    "retrying", one_line(exc))
                         gevent.sleep(1.0)
                         last_id = f"{max((feed.position or 1) - 1, 0)}-{_LAST_SEQ}"
                         break
@@ -215,7 +216,7 @@ class Publisher:
                 self._lead(conn)
             except (psycopg2.Error, OSError) as exc:
                 log.warning("broker: the publisher's database connection failed (%s); standing again",
-                            str(exc).strip() or type(exc).__name__)
+                            one_line(exc))
             except self._redis_error as exc:  # MISCONF, OOM, READONLY...
                 log.error("broker: Redis refused the publisher (%s); standing again in 5s", exc)
                 gevent.sleep(5.0)

@@ -51,6 +51,7 @@ import psycopg2
 
 from attune_sse.core.event import ExecutionEvent, PayloadError, parse_notification, reset_frame
 from attune_sse.core.hub import Hub
+from attune_sse.errors import one_line
 from attune_sse.storage import record
 from attune_sse.storage.db import connect
 
@@ -429,5 +430,4 @@ class Listener:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {one_line(exc)}"

@@ -40,6 +40,7 @@ import gevent.queue
 from gevent.server import StreamServer
 
 from attune_sse.core.event import ExecutionEvent
+from attune_sse.errors import one_line
 from attune_sse.runtime.feed import BEAT_INTERVAL, SILENCE_LIMIT, Feed, Message, decode, encode
 from attune_sse.runtime.listener import Listener
 
@@ -258,13 +259,21 @@ class Relay:
         return self._lock_fd is not None and _same_file(self._lock_fd, relay_dir / LOCK_FILE) and socket_ours
 
     def _step_down(self) -> None:
+        # Each part is stopped whatever happens to the others: a worker that steps down must let go of
+        # the lock below, or its instance has no leader until it dies.
         if self.source is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.source.stop()
+            except Exception:
+                log.exception("relay: worker %d could not stop its source cleanly; stepping down anyway",
+                              os.getpid())
             self.source = None
         if self.followers is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self.followers.close()
+            except Exception:
+                log.exception("relay: worker %d could not close its followers' socket cleanly; stepping down "
+                              "anyway", os.getpid())
             self.followers = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -302,7 +311,7 @@ class Relay:
                     # Reading a hole from the record failed (the database is down, the backlog pool
                     # busy): the position has not passed it; the next hello brings the hole back.
                     log.warning("relay: worker %d could not read what it missed from the record (%s); "
-                                "reconnecting to its leader", os.getpid(), str(exc).strip() or type(exc).__name__)
+                                "reconnecting to its leader", os.getpid(), one_line(exc))
                     gevent.sleep(0.5)
                     return
         except (OSError, EOFError, ValueError) as exc:

@@ -23,7 +23,7 @@ import psycopg2
 import psycopg2.extras
 from werkzeug.security import generate_password_hash
 
-from attune_sse.config import ENV_PREFIX, load_config
+from attune_sse.config import CONFIG_ENV, ENV_PREFIX, load_config
 from attune_sse.core.grants import ALL_GRANTS
 from attune_sse.serve.launch import Gunicorn
 from attune_sse.storage import store
@@ -73,7 +73,7 @@ def run_demo(*, port: int, rate: float, data_dir: str) -> None:
     with database(config) as url:
         migrate_database(url)
         seed(url)
-        env = {**os.environ, "ATTUNE_CONFIG": str(config_path), ENV_PREFIX + "DATABASE__URL": url}
+        env = {**os.environ, CONFIG_ENV: str(config_path), ENV_PREFIX + "DATABASE__URL": url}
         server = Gunicorn(env)
         try:
             server.wait_ready(f"http://127.0.0.1:{port}/readyz")

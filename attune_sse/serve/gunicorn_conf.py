@@ -14,7 +14,7 @@ to stop, its streams end at once, so a restart waits for nothing.
 import os
 import sys
 
-from attune_sse.config import load_config
+from attune_sse.config import load_config, log_level_name
 from attune_sse.errors import AttuneError
 from attune_sse.serve import hooks
 
@@ -49,7 +49,7 @@ timeout = 30
 graceful_timeout = _config["server.graceful_timeout"]
 keepalive = 5
 proc_name = "attune-sse"
-loglevel = "warning" if _config["log.level"] == "warn" else _config["log.level"]
+loglevel = log_level_name(_config).lower()
 errorlog = "-"
 accesslog = os.environ.get("ATTUNE_ACCESS_LOG", "-")
 # %(U)s is the path without the query string: the stream's ?token= never reaches a log.

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gunicorn.glogging import Logger
 
-from attune_sse.config import ENV_PREFIX, Config, check_production, load_config
+from attune_sse.config import ENV_PREFIX, Config, check_production, load_config, log_level_name
 from attune_sse.runtime.relay import RELAY_DIR_ENV
 from attune_sse.storage.db import make_psycopg2_green, start_database
 from attune_sse.storage.migrate import migrate_database
@@ -57,7 +57,7 @@ class AccessLogger(Logger):
 
 def logging_config(config: Config) -> dict[str, Any]:
     """gunicorn's ``logconfig_dict``: our loggers beside gunicorn's, on stderr, with the pid."""
-    level = "WARNING" if config["log.level"] == "warn" else config["log.level"].upper()
+    level = log_level_name(config)
     return {
         "version": 1,
         "disable_existing_loggers": False,

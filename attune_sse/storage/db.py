@@ -19,7 +19,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from attune_sse.config import Config
-from attune_sse.errors import AttuneError, NotReady
+from attune_sse.errors import AttuneError, NotReady, one_line
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,6 @@ def database(config: Config) -> Iterator[str]:
     finally:
         if server is not None and not was_running:
             server.stop()
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's text on one line (the first of PostgreSQL's), or its class's name if it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # Errors that are the deployment's state, not the request's fault: a 503 that names it, and one log line.
