@@ -41,8 +41,10 @@ def test_production_refuses_weak_secrets(tmp_path: Any, secret: str, words: str)
 
 
 def test_weak_secret_allowed_outside_production_and_strong_one_in_it(tmp_path: Any) -> None:
-    create_app(_config(tmp_path, "short-secret", environment="test"), start_listener=False)
-    create_app(_config(tmp_path, "x" * 32), start_listener=False)
+    """Each app is made (no ConfigError) and signs its tokens with the secret it was given."""
+    for secret, environment in (("short-secret", "test"), ("x" * 32, "production")):
+        app = create_app(_config(tmp_path, secret, environment=environment), start_listener=False)
+        assert app.config["JWT_SECRET_KEY"] == secret
 
 
 def test_serve_refuses_the_test_secret_in_production(tmp_path: Any, database: Any) -> None:
