@@ -196,6 +196,7 @@ def post_worker_init(worker: Any) -> None:
         hub = gevent.get_hub()
         hub.NOT_ERROR = (*hub.NOT_ERROR, ssl.SSLError)
 
+    _keep_listener_names(worker)
     app_state = worker.wsgi.extensions["attune_sse"]
 
     def end_streams_on_shutdown() -> None:
@@ -205,3 +206,39 @@ def post_worker_init(worker: Any) -> None:
         log.info("worker %s stopping: ended %d stream(s)", worker.pid, ended)
 
     gevent.spawn(end_streams_on_shutdown)
+
+
+class _Listening:
+    """A worker's listening socket whose name outlives its close."""
+
+    __slots__ = ("_name", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._name = sock.getsockname()
+
+    def getsockname(self) -> Any:
+        return self._name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _keep_listener_names(worker: Any) -> None:
+    """A connection accepted just before its worker was told to stop is served, not reset.
+
+    A stopping gevent worker closes its listening sockets first, then serves the connections it
+    has. gunicorn asks the listening socket for its name as it starts to serve each connection
+    (``AsyncWorker.handle``): for one accepted a moment before the close, that raises EBADF, and
+    gunicorn logs a traceback and closes the connection with its request unread (the client gets
+    a connection reset; a PATCH is not applied). Seen under load during SIGHUP. Each handler is
+    given the socket with its name read now, while it is open.
+    """
+    named = {id(sock): _Listening(sock) for sock in worker.sockets}
+    handle = worker.handle
+
+    def handle_named(listener: Any, client: Any, addr: Any) -> Any:
+        return handle(named.get(id(listener), listener), client, addr)
+
+    worker.handle = handle_named
+
