@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import hmac
-import ipaddress
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, request
 from flask.json.provider import DefaultJSONProvider
 from flask_cors import CORS
 from prometheus_client import CollectorRegistry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from attune_sse.config import Config, check_production, load_config, log_level
+from attune_sse.config import RELAY_DIR_ENV, Config, check_production, load_config, log_level
 from attune_sse.core.hub import Hub
-from attune_sse.errors import Forbidden, NotReady
-from attune_sse.http import api, auth, openapi, stream
+from attune_sse.http import api, auth, openapi, ops, stream
 from attune_sse.http.bodies import BodyDeadline
 from attune_sse.http.io import IdConverter, check_query_string, register_error_handlers
-from attune_sse.http.state import EXTENSION, AppState, state
+from attune_sse.http.state import EXTENSION, AppState
 from attune_sse.runtime.access import AccessControl
+from attune_sse.runtime.election import Relay
 from attune_sse.runtime.feed import Feed
+from attune_sse.runtime.listener import ListenerSettings
 from attune_sse.runtime.metrics import Metrics
-from attune_sse.runtime.relay import RELAY_DIR_ENV, ListenerSource, Relay
 from attune_sse.runtime.retention import start_pruner
+from attune_sse.runtime.sources import MakeSource, listen
 from attune_sse.storage.db import Pool, require_cooperative, service_url
 
 log = logging.getLogger(__name__)
@@ -45,10 +42,6 @@ SECURITY_HEADERS = {
 
 # The web UI's files: the same for everyone, and hold no data.
 CACHEABLE = {"static", "ui"}
-# How long /readyz waits for one of the REST pool's connections before it says the worker is not ready.
-READY_POOL_WAIT = 2.0
-# A read of the schema, as every request makes: a role that lost USAGE on it (or SELECT) fails it.
-READY_PROBE = "SELECT generation FROM attune.access_generation"
 
 
 class JSONProvider(DefaultJSONProvider):
@@ -105,10 +98,8 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     app.register_blueprint(api.bp)
     app.register_blueprint(stream.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(ops.bp)
     app.add_url_rule("/", view_func=lambda: app.send_static_file("index.html"), endpoint="ui")
-    app.add_url_rule("/healthz", view_func=healthz)
-    app.add_url_rule("/readyz", view_func=readyz)
-    app.add_url_rule("/metrics", view_func=metrics_view)
     app.after_request(_security_headers)
     app.wsgi_app = BodyDeadline(app.wsgi_app, timeout=config["server.body_timeout_seconds"],  # type: ignore[method-assign]
                                 min_rate=config["server.body_min_rate_bytes"],
@@ -120,76 +111,14 @@ def create_app(config: Config | str | os.PathLike[str] | None = None, *, start_l
     return app
 
 
-def _source_maker(config: Config, url: str) -> Callable[[Relay], Any]:
+def _source_maker(config: Config, url: str) -> MakeSource:
     """What the worker that leads its instance runs: a LISTEN, or a Redis stream reader (events.fanout)."""
-    settings = {"ping_interval": config["listener.ping_interval"], "ping_timeout": config["listener.ping_timeout"],
-                "reconnect_max_delay": config["listener.reconnect_max_delay"]}
+    settings = ListenerSettings.of(config)
     if config["events.fanout"] == "redis":
-        from attune_sse.runtime.broker import BrokerSource
+        from attune_sse.runtime import broker
 
-        return lambda relay: BrokerSource(config, url, relay, **settings)
-    return lambda relay: ListenerSource(url, relay, **settings)
-
-
-def may_see_internals() -> bool:
-    """/metrics and the detailed /readyz: for server.metrics_allow addresses, or the scrape token."""
-    config = state().config
-    token = config["security.metrics_token"]
-    given = request.headers.get("Authorization", "")
-    if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return True
-    try:
-        address = ipaddress.ip_address(request.remote_addr or "")
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in config["server.metrics_allow"])
-
-
-def metrics_view() -> Any:
-    if not may_see_internals():
-        raise Forbidden("Metrics are for the addresses in server.metrics_allow, or with the scrape token "
-                        "(security.metrics_token).", code="METRICS_FORBIDDEN")
-    body, content_type = state().metrics.exposition()
-    return Response(body, content_type=content_type)
-
-
-def healthz() -> Any:
-    """Alive: the worker answers."""
-    return jsonify({"data": {"status": "ok", "pid": os.getpid()}})
-
-
-def readyz() -> Any:
-    """Ready: the database answers and events reach this worker."""
-    app_state = state()
-    try:
-        app_state.pool.check(READY_POOL_WAIT, READY_PROBE)
-    except NotReady as exc:
-        raise NotReady(f"Not ready: {exc.message}", code=exc.code) from None
-    feed, relay = app_state.feed, app_state.relay
-    if not feed.flowing:
-        raise NotReady("Not ready: events do not reach this worker (its instance's listener, or the broker, "
-                       "is disconnected or being elected); it is reconnecting.", code="LISTENER_DISCONNECTED")
-    if not may_see_internals():
-        return jsonify({"data": {"status": "ready"}})
-    listener = relay.listener
-    return jsonify({"data": {
-        "status": "ready",
-        "pid": os.getpid(),
-        "feed": feed.stats(),
-        "relay": relay.stats(),
-        "listener_backend_pid": listener.backend_pid if listener else None,
-        "listener": None if listener is None else {
-            "position": listener.position,
-            "received": listener.received,
-            "caught_up": listener.caught_up,
-            "skipped": listener.skipped,
-            "rejected": listener.rejected,
-            "reconnects": listener.reconnects,
-            "lag_seconds": listener.lag,
-        },
-        "streams": len(app_state.hub),
-        "hub": dataclasses.asdict(app_state.hub.stats),
-    }})
+        return broker.stream(config, url, settings)
+    return listen(url, settings)
 
 
 def _security_headers(response: Response) -> Response:

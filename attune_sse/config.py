@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ATTUNE__"
 CONFIG_ENV = "ATTUNE_CONFIG"
+# The instance's relay folder, made by gunicorn's master for its workers' election (runtime/election.py).
+RELAY_DIR_ENV = "ATTUNE_SSE_RELAY_DIR"
 _REQUIRED = object()
 
 

@@ -10,6 +10,8 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,10 +23,10 @@ import pytest
 import requests
 
 from attune_sse.core.grants import ALL_GRANTS
-from attune_sse.storage.embedded import EmbeddedPostgres
+from attune_sse.storage.embedded import EmbeddedPostgres, free_port
 from attune_sse.storage.migrate import apply_migrations
 from attune_sse.testing import ServerProcess, listener_pids
-from helpers import OPEN_STREAMS, Api, Stream
+from helpers import OPEN_STREAMS, Api, Stream, wait_until
 
 JWT_SECRET = "test-secret-for-testing-only-not-secure"
 WORKERS = 2
@@ -269,3 +271,34 @@ def _close_leftover_streams() -> Iterator[None]:
 def pytest_report_header(config: pytest.Config) -> str:
     where = os.environ.get("ATTUNE_TEST_DATABASE_URL") or "an embedded PostgreSQL started by the suite"
     return f"attune-sse tests against {where}; gunicorn with {WORKERS} gevent workers"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Any) -> Iterator[dict[str, Any]]:
+    """A redis-server of the test's own, without persistence; ``restart()`` stops and starts it on its port."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")]
+    state: dict[str, Any] = {"url": f"redis://127.0.0.1:{port}/0"}
+
+    def start() -> None:
+        state["process"] = subprocess.Popen(command)
+        wait_until(lambda: _answers(port), 10, "redis-server to answer")
+
+    def stop() -> None:
+        state["process"].send_signal(signal.SIGTERM)
+        state["process"].wait(10)
+
+    state["restart"] = lambda down: (stop(), time.sleep(down), start())
+    start()
+    yield state
+    stop()
+
+
+def _answers(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False

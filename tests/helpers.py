@@ -125,6 +125,34 @@ def streams_on_every_worker(open_stream: Callable[[], Stream], workers: int, per
     return [s for streams in by_worker.values() for s in streams]
 
 
+def every_worker(server: Any, check: Callable[[dict[str, Any]], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait until each of ``server``'s workers says, in its detailed /readyz, what ``check`` asks.
+
+    Each round asks in a concurrent burst on new connections, so that every
+    worker answers some (the busier one wins most accepts of serial requests).
+    """
+    def answer() -> tuple[int, bool] | None:
+        try:
+            response = requests.get(server.base_url + "/readyz", headers={"Connection": "close"}, timeout=5)
+        except requests.RequestException:
+            return None
+        if response.status_code != 200:
+            return None
+        data = response.json()["data"]
+        return data["pid"], bool(check(data))
+
+    done: set[int] = set()
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while not (server.worker_pids() <= done):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for every worker: {what}")
+            for result in pool.map(lambda _: answer(), range(8)):
+                if result is not None and result[1]:
+                    done.add(result[0])
+            time.sleep(0.05)
+
+
 def go_back_in_time(database: Any, before: int) -> None:
     """What a restore from a backup (or a failover to a replica that was behind) does to the record: the
     events after ``before`` are gone and the sequence is back where it was."""

@@ -22,6 +22,7 @@ from helpers import (
     Api,
     RawStream,
     Stream,
+    every_worker,
     grant,
     make_pack,
     new_execution,
@@ -248,7 +249,8 @@ def test_narrowed_grants_narrow_open_streams(teams: dict[str, Any], database: An
         (carol["id"], f"team.cb{tag}"))
     wait_until(lambda: all(carol["api"].get(f"/api/v1/executions/{b_id}").status_code == 404 for _ in range(4)),
                REVOCATION_SECONDS, "REST applies the narrower grants")
-    time.sleep(0.6)  # one more poll period of the watcher: every worker has applied it by now
+    ((now,),) = database.query("SELECT generation FROM attune.access_generation")
+    every_worker(server, lambda ready: (ready["access"]["applied"] or 0) >= now, "its streams got the narrower grants")
     touch(database, b_id, "running")
     touch(database, a_id, "running")
     for stream in streams:

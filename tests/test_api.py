@@ -199,7 +199,7 @@ def test_health_and_readiness(server: Any) -> None:
     assert ready["relay"]["role"] in ("leader", "follower")
     if ready["relay"]["role"] == "leader":
         assert isinstance(ready["listener_backend_pid"], int)
-        assert set(ready["listener"]) == {"position", "received", "caught_up", "skipped", "rejected", "reconnects",
+        assert set(ready["listener"]) == {"position", "published", "caught_up", "skipped", "rejected", "reconnects",
                                           "lag_seconds"}
         assert ready["relay"]["followers"] == 1
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -23,7 +22,6 @@ import pytest
 import requests
 import sseclient
 
-from attune_sse.storage.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
 from helpers import Stream, assert_reset_then_new_history, go_back_in_time, wait_until
@@ -100,37 +98,6 @@ def _close_clients() -> Iterator[None]:
     yield
     while ResumingClient.opened:
         ResumingClient.opened.pop().close()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Any) -> Iterator[dict[str, Any]]:
-    """A redis-server of the test's own, without persistence; ``restart()`` stops and starts it on its port."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")]
-    state: dict[str, Any] = {"url": f"redis://127.0.0.1:{port}/0"}
-
-    def start() -> None:
-        state["process"] = subprocess.Popen(command)
-        wait_until(lambda: _answers(port), 10, "redis-server to answer")
-
-    def stop() -> None:
-        state["process"].send_signal(signal.SIGTERM)
-        state["process"].wait(10)
-
-    state["restart"] = lambda down: (stop(), time.sleep(down), start())
-    start()
-    yield state
-    stop()
-
-
-def _answers(port: int) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture
@@ -374,7 +341,7 @@ def test_what_else_writes_to_the_stream_or_does_to_redis_changes_nothing_clients
     import redis
 
     from attune_sse.core.event import ExecutionEvent
-    from attune_sse.runtime.feed import Message, encode
+    from attune_sse.runtime.message import Message, encode
 
     instances = fleet(2, events={"fanout": "redis", "redis_url": redis_server["url"]})
     clients = clients_on_every_worker(instances, token)

@@ -8,9 +8,10 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 
-from attune_sse.core.event import ExecutionEvent, reset_frame
+from attune_sse.core.event import ExecutionEvent, ResetReason, reset_frame
 from attune_sse.core.hub import Hub
-from attune_sse.runtime.feed import Feed, Message, decode, encode
+from attune_sse.runtime.feed import Feed
+from attune_sse.runtime.message import Message, decode, encode
 from attune_sse.storage import record
 from attune_sse.storage.db import Pool, make_psycopg2_green
 
@@ -49,12 +50,12 @@ def test_a_message_after_a_hole_reads_the_hole_from_the_record_and_drops_repeats
     sub = hub.subscribe()
     feed = Feed(hub, pool)
 
-    feed.apply(Message(after=start, to=start))  # the leader says where it is
+    feed.send(Message(after=start, to=start))  # the leader says where it is
     # The relay lost the first four events (a leader died, a broker restarted empty): the next
     # message follows the fourth. The feed reads 1-4 from the record, then publishes 5-7.
-    feed.apply(Message(after=events[3].event_id, to=events[6].event_id, events=events[4:]))
+    feed.send(Message(after=events[3].event_id, to=events[6].event_id, events=events[4:]))
     # A new leader starting a little behind resends 6-7, then goes on.
-    feed.apply(Message(after=events[4].event_id, to=events[6].event_id, events=events[5:]))
+    feed.send(Message(after=events[4].event_id, to=events[6].event_id, events=events[5:]))
     got = drain(sub)
     assert [e.event_id for e in got] == [e.event_id for e in events]
     assert [e.frame for e in got] == [e.frame for e in events], "the record's frames, byte for byte"
@@ -63,16 +64,17 @@ def test_a_message_after_a_hole_reads_the_hole_from_the_record_and_drops_repeats
 
     # A reset (a new history) goes to the clients as it came, and the position follows it; the
     # same reset read again (a broker re-read) changes nothing.
-    frame = reset_frame("the database went back in time: reload", events[2].event_id)
-    reset = Message(after=events[2].event_id, to=events[2].event_id, reset=frame, epoch=1, base=events[2].event_id)
-    feed.apply(reset)
-    feed.apply(reset)
+    frame = reset_frame(ResetReason.REWOUND, events[2].event_id)
+    reset = Message(after=events[2].event_id, to=events[2].event_id, reset=ResetReason.REWOUND, epoch=1,
+                    base=events[2].event_id)
+    feed.send(reset)
+    feed.send(reset)
     assert [e.frame for e in drain(sub)] == [frame]
     assert feed.position == events[2].event_id
 
     # A worker that missed the next reset (to event 1 of the seven) learns of it from any message of
     # the new history: its clients reload, and it reads the new history from the record.
-    feed.apply(Message(after=events[6].event_id, to=events[6].event_id, epoch=2, base=events[0].event_id))
+    feed.send(Message(after=events[6].event_id, to=events[6].event_id, epoch=2, base=events[0].event_id))
     got = drain(sub)
     assert b"event: reset" in got[0].frame and int(got[0].event_id) == events[0].event_id
     assert [e.event_id for e in got[1:]] == [e.event_id for e in events[1:]]
@@ -89,11 +91,11 @@ def test_a_hole_already_pruned_tells_clients_to_reload(
     hub = Hub()
     sub = hub.subscribe()
     feed = Feed(hub, pool)
-    feed.apply(Message(after=newest - 2, to=newest - 2))
+    feed.send(Message(after=newest - 2, to=newest - 2))
     # The event before the newest is pruned before the feed got it: a hole it cannot fill.
     database.query("UPDATE attune.execution_event_horizon SET pruned_to = %s", (newest - 1,))
     try:
-        feed.apply(Message(after=newest, to=newest))
+        feed.send(Message(after=newest, to=newest))
     finally:
         database.query("UPDATE attune.execution_event_horizon SET pruned_to = %s", (horizon,))
     got = drain(sub)

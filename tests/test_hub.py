@@ -22,7 +22,7 @@ def test_every_subscriber_gets_every_event_in_order() -> None:
     hub = Hub()
     subs = [hub.subscribe() for _ in range(3)]
     for i in range(1, 6):
-        assert hub.publish(event(i)) == 3
+        assert hub.publish_batch([event(i)]) == 3
     for sub in subs:
         assert [e.event_id for e in sub.next_batch(0.1)] == [1, 2, 3, 4, 5]
     assert hub.stats.published == 5 and hub.stats.delivered == 15
@@ -32,8 +32,8 @@ def test_filter_by_execution() -> None:
     hub = Hub()
     only_7 = hub.subscribe(execution_id=7)
     everything = hub.subscribe()
-    hub.publish(event(1, entity_id=8))
-    hub.publish(event(2, entity_id=7))
+    hub.publish_batch([event(1, entity_id=8)])
+    hub.publish_batch([event(2, entity_id=7)])
     assert [e.event_id for e in only_7.next_batch(0.1)] == [2]
     assert [e.event_id for e in everything.next_batch(0.1)] == [1, 2]
 
@@ -49,7 +49,7 @@ def test_waiting_reader_wakes_on_publish() -> None:
     sub = hub.subscribe()
     reader = gevent.spawn(sub.next_batch, 5)
     gevent.sleep(0)
-    hub.publish(event(1))
+    hub.publish_batch([event(1)])
     assert [e.event_id for e in reader.get(timeout=1)] == [1]
 
 
@@ -58,9 +58,9 @@ def test_slow_subscriber_is_closed_without_blocking_others() -> None:
     slow = hub.subscribe()
     fast = hub.subscribe()
     for i in range(1, 4):
-        hub.publish(event(i))
+        hub.publish_batch([event(i)])
         assert [e.event_id for e in fast.next_batch(0)] == [i]
-    assert hub.publish(event(4)) == 1, "only the reader that keeps up gets the 4th event"
+    assert hub.publish_batch([event(4)]) == 1, "only the reader that keeps up gets the 4th event"
     assert slow.reason == "overflow"
     assert hub.stats.overflows == 1
     # It still receives what was queued before the close, then the end.
@@ -85,7 +85,7 @@ def test_unsubscribe_is_idempotent_and_leaves_no_trace() -> None:
 def test_close_ends_every_subscription() -> None:
     hub = Hub()
     subs = [hub.subscribe(), hub.subscribe(execution_id=1)]
-    hub.publish(event(1))
+    hub.publish_batch([event(1)])
     assert hub.close() == 2
     for sub in subs:
         assert [e.event_id for e in sub.next_batch(0)] == [1]
@@ -101,7 +101,7 @@ def test_batch_holds_everything_pending(count: int) -> None:
     hub = Hub()
     sub = hub.subscribe()
     for i in range(count):
-        hub.publish(event(i + 1))
+        hub.publish_batch([event(i + 1)])
     assert len(sub.next_batch(0)) == count
 
 
@@ -111,7 +111,7 @@ def test_keepalive_tick_wakes_only_quiet_waiting_subscribers() -> None:
     readers = [gevent.spawn(sub.next_batch) for sub in (quiet, busy)]
     gevent.sleep(0)
     assert hub.tick() == 0, "the first tick only marks everyone quiet"
-    hub.publish(event(1, entity_id=5))  # reaches `quiet` (unfiltered): it gets events, not a keep-alive
+    hub.publish_batch([event(1, entity_id=5)])  # reaches `quiet` (unfiltered): it gets events, not a keep-alive
     gevent.sleep(0)
     assert [e.event_id for e in readers[0].get(timeout=1)] == [1]
     readers[0] = gevent.spawn(quiet.next_batch)
@@ -176,7 +176,7 @@ def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_p
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
     big = ExecutionEvent.from_record(1, 1, b'{"event_id": 1, "result": "' + b"x" * 200_000 + b'"}')
-    hub.publish(big)
+    hub.publish_batch([big])
     assert reader.get(timeout=1) == [], "woken, with no event queued: the rest is raw bytes"
     raw = sub.take_raw()
     chunk = b"%X\r\n%s\r\n" % (len(big.frame), big.frame)
@@ -184,7 +184,7 @@ def test_direct_write_leaves_what_the_socket_did_not_take_to_the_writer(socket_p
     # Now the socket is full: the next event cannot be written directly and is queued.
     reader = gevent.spawn(sub.next_batch)
     gevent.sleep(0)
-    hub.publish(event(2))
+    hub.publish_batch([event(2)])
     assert [e.event_id for e in reader.get(timeout=1)] == [2]
     assert client_side.recv(10)  # the start of the big chunk went out directly
 
@@ -205,7 +205,7 @@ def test_queued_events_a_resumed_stream_was_sent_already_are_left_out() -> None:
     hub.publish_batch([event(1), event(2), event(3)])  # queued while the backlog is being sent
     sub.skip_through = 2  # the backlog reached event 2
     assert [e.event_id for e in sub.next_batch(0)] == [3]
-    hub.publish(event(2))  # a late repeat is not even queued
+    hub.publish_batch([event(2)])  # a late repeat is not even queued
     assert sub.pending == 0
 
 
@@ -321,7 +321,7 @@ def test_a_client_past_its_bytes_is_dropped_and_the_others_keep_theirs() -> None
     slow = hub.subscribe(on_overflow=lambda: dropped.append("slow"))
     fast = hub.subscribe()
     for i in range(1, 6):
-        hub.publish(big(i, 1_000_000))
+        hub.publish_batch([big(i, 1_000_000)])
         assert [e.event_id for e in fast.next_batch(0)] == [i]  # reads each as it comes
     assert dropped == ["slow"] and slow.reason == "overflow"
     assert hub.stats.overflows == 1
@@ -335,7 +335,7 @@ def test_an_event_larger_than_the_bound_still_reaches_a_client_that_reads() -> N
     hub = Hub(max_client_bytes=100_000)
     sub = hub.subscribe()
     for i in range(1, 4):
-        hub.publish(big(i, 500_000))
+        hub.publish_batch([big(i, 500_000)])
         assert [e.event_id for e in sub.next_batch(0)] == [i]
     assert sub.reason is None and hub.stats.overflows == 0
 
@@ -348,11 +348,11 @@ def test_the_worker_bound_drops_the_clients_that_hold_the_most() -> None:
         assert sub.next_batch(0) == []  # written: the writer asks again, and gives its batch back
 
     heavy, light, *reading = [hub.subscribe() for _ in range(4)]
-    hub.publish(big(1, 1_000_000))
+    hub.publish_batch([big(1, 1_000_000)])
     for sub in (light, *reading):
         read(sub)
     for i in range(2, 5):  # heavy comes to hold 4 MB, light 3 MB, each reader nothing
-        hub.publish(big(i, 1_000_000))
+        hub.publish_batch([big(i, 1_000_000)])
         for sub in reading:
             read(sub)
     assert heavy.reason == "overflow", "the one that held the most went first"
@@ -363,7 +363,7 @@ def test_the_worker_bound_drops_the_clients_that_hold_the_most() -> None:
 def test_narrowed_access_gives_back_the_bytes_it_drops() -> None:
     hub = Hub(max_client_bytes=10_000_000)
     sub = hub.subscribe(identity=7, scope=compile_grants(parse_grants(ALL_GRANTS))[("executions", "read")])
-    hub.publish(big(1, 1_000_000))
+    hub.publish_batch([big(1, 1_000_000)])
     held = hub.buffers.held
     assert held > 1_000_000
     hub.apply_access({7: Principal(7, "seven", False, compile_grants([]))})  # may read nothing now

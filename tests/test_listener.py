@@ -14,8 +14,9 @@ import psycopg2.extensions
 import requests
 
 from attune_sse.core.hub import Hub
-from attune_sse.runtime.listener import Listener
-from attune_sse.storage.db import make_psycopg2_green
+from attune_sse.runtime.feed import Feed
+from attune_sse.runtime.listener import Listener, ListenerSettings
+from attune_sse.storage.db import Pool, make_psycopg2_green
 from helpers import Stream, streams_on_every_worker, wait_until
 
 
@@ -24,9 +25,10 @@ def test_listener_waits_on_a_descriptor_above_1024(database: Any, db: Any, new_e
     above 1024, where select() fails: the listener must wait another way."""
     fillers = [socket.socket() for _ in range(1100)]
     make_psycopg2_green()
-    listener = Listener(database.url, Hub(), ping_interval=1.0)
+    hub, pool = Hub(), Pool(database.url, 1)
+    listener = Listener(database.url, Feed(hub, pool), settings=ListenerSettings(ping_interval=1.0))
     try:
-        sub = listener.hub.subscribe()
+        sub = hub.subscribe()
         listener.start()
         with gevent.Timeout(10):
             while not listener.connected:
@@ -43,6 +45,7 @@ def test_listener_waits_on_a_descriptor_above_1024(database: Any, db: Any, new_e
         assert listener.connected
     finally:
         listener.stop()
+        pool.close()
         psycopg2.extensions.set_wait_callback(None)
         for filler in fillers:
             filler.close()

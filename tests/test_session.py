@@ -7,7 +7,7 @@ from typing import Any
 
 import gevent
 
-from attune_sse.core.event import ExecutionEvent
+from attune_sse.core.event import ExecutionEvent, Pruned, UnknownEvent
 from attune_sse.core.grants import Principal, compile_grants
 from attune_sse.core.hub import Hub
 from attune_sse.core.session import event_stream
@@ -58,18 +58,51 @@ def test_a_resume_replays_the_backlog_then_goes_live_without_a_duplicate() -> No
     hub.advance(10)
     asked: list[tuple[int, int]] = []
 
-    def backlog(after: int, through: int, scope: Any) -> Iterator[tuple[bytes, int]]:
+    def backlog(after: int, through: int, scope: Any) -> Iterator[tuple[list[ExecutionEvent], int]]:
         asked.append((after, through))
-        yield event(9).frame, 9
+        yield [event(9)], 9
         hub.publish_batch([event(10), event(11)])  # 10 was in the backlog's range: it must not come twice
-        yield event(10).frame, 10
-        yield b"", 10
+        yield [event(10)], 10
+        yield [], 10
 
     reader = Reader(event_stream(hub, None, retry_ms=1000, last_event_id=8, backlog=backlog))
     text = reader.until(lambda t: "id: 11" in t)
     assert asked == [(8, 10)]
     assert "id: 8\n" not in text.split(": connected")[0], "a resuming client is not sent a position block"
     assert [line for line in text.splitlines() if line.startswith("id: ")] == ["id: 9", "id: 10", "id: 11"]
+    hub.close()
+
+
+def test_the_session_resets_a_client_whose_backlog_the_record_pruned_or_never_issued() -> None:
+    """The record raises (Pruned, UnknownEvent); the session decides what the client is told: a reset
+    whose id is where the replay goes on from, and then the rest, once."""
+    hub = Hub()
+    hub.advance(20)
+    asked: list[tuple[int, int]] = []
+
+    def backlog(after: int, through: int, scope: Any) -> Iterator[tuple[list[ExecutionEvent], int]]:
+        asked.append((after, through))
+        if after == 3:
+            yield [event(4)], 4
+            raise Pruned(12)  # pruned while the client read: it goes on after the horizon
+        if after == 99:
+            raise UnknownEvent(20)
+        if after == 12:
+            yield [event(13)], 13
+        yield [], through
+
+    pruned = Reader(event_stream(hub, None, retry_ms=1000, last_event_id=3, backlog=backlog))
+    unknown = Reader(event_stream(hub, None, retry_ms=1000, last_event_id=99, backlog=backlog))
+    hub.publish_batch([event(21)])
+    text = pruned.until(lambda t: "id: 21" in t)
+    assert [line for line in text.splitlines() if line.startswith(("id: ", "event: "))] == [
+        "id: 4", "event: reset", "id: 12", "id: 13", "id: 21"]
+    assert '"reason":"events you missed were pruned (retention)","resumed_from_event_id":12' in text
+    text = unknown.until(lambda t: "id: 21" in t)
+    assert [line for line in text.splitlines() if line.startswith(("id: ", "event: "))] == [
+        "event: reset", "id: 20", "id: 21"]
+    assert '"reason":"unknown event id: this server has no event after it"' in text
+    assert asked == [(3, 20), (12, 20), (99, 20), (20, 20)]
     hub.close()
 
 

@@ -5,36 +5,36 @@ from __future__ import annotations
 import pytest
 
 from attune_sse.core.event import ExecutionEvent, PayloadError, parse_notification
-from attune_sse.core.sse import KEEPALIVE, Message, comment
+from attune_sse.core.sse import KEEPALIVE, Frame, comment
 
 
 def test_message_with_id_and_data() -> None:
-    assert str(Message(data='{"a": 1}', id=7)) == 'id: 7\ndata: {"a": 1}\n\n'
+    assert str(Frame(data='{"a": 1}', id=7)) == 'id: 7\ndata: {"a": 1}\n\n'
 
 
 def test_multiline_data_becomes_several_data_lines() -> None:
-    assert str(Message(data="one\ntwo\r\nthree\rfour")) == "data: one\ndata: two\ndata: three\ndata: four\n\n"
+    assert str(Frame(data="one\ntwo\r\nthree\rfour")) == "data: one\ndata: two\ndata: three\ndata: four\n\n"
 
 
 def test_event_and_retry_fields() -> None:
-    assert str(Message(data="x", event="reload", retry=2500)) == "event: reload\nretry: 2500\ndata: x\n\n"
+    assert str(Frame(data="x", event="reload", retry=2500)) == "event: reload\nretry: 2500\ndata: x\n\n"
 
 
 def test_retry_only_message() -> None:
-    assert Message(retry=3000).encode() == b"retry: 3000\n\n"
+    assert Frame(retry=3000).encode() == b"retry: 3000\n\n"
 
 
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb"])
 def test_line_break_in_id_or_event_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="line break"):
-        str(Message(data="x", id=bad))
+        str(Frame(data="x", id=bad))
     with pytest.raises(ValueError, match="line break"):
-        str(Message(data="x", event=bad))
+        str(Frame(data="x", event=bad))
 
 
 def test_nul_in_id_is_refused() -> None:
     with pytest.raises(ValueError, match="NUL"):
-        str(Message(data="x", id="a\0b"))
+        str(Frame(data="x", id="a\0b"))
 
 
 def test_comments() -> None:
@@ -43,7 +43,7 @@ def test_comments() -> None:
 
 
 def test_unicode_is_utf8() -> None:
-    assert Message(data="ünï ✓").encode() == "data: ünï ✓\n\n".encode()
+    assert Frame(data="ünï ✓").encode() == "data: ünï ✓\n\n".encode()
 
 
 def test_execution_event_frame_is_built_once() -> None:

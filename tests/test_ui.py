@@ -20,7 +20,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from attune_sse.storage.embedded import free_port
 from attune_sse.testing import ServerProcess
 from conftest import server_config
-from helpers import grant, make_pack, new_execution, pack_grants, touch
+from helpers import every_worker, grant, make_pack, new_execution, pack_grants, touch
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -227,7 +227,8 @@ def test_the_page_shows_only_what_the_identity_may_read_and_says_what_it_may_not
     viewer["id"] = viewer["user"]["id"]
     grant(database, viewer, f"ui.view{tag}", pack_grants(f"ui-a-{tag}", ("read",)))
     visible, hidden = new_execution(database, mine), new_execution(database, theirs)
-    time.sleep(0.6)  # the workers have seen the assignment (security.access_refresh_seconds)
+    ((now,),) = database.query("SELECT generation FROM attune.access_generation")
+    every_worker(srv, lambda ready: (ready["access"]["generation"] or 0) >= now, "it has seen the assignment")
 
     page.goto(srv.base_url + "/")
     page.fill("input[name=login]", login)

@@ -11,12 +11,12 @@ was recorded, so the listener can count the ones the record does not bear out.
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 
-from attune_sse.core.sse import Message
-
-MAX_BIGINT = 2**63 - 1  # event and execution ids are PostgreSQL bigints
+from attune_sse.core.ids import MAX_BIGINT  # event and execution ids are PostgreSQL bigints
+from attune_sse.core.sse import Frame
 
 
 class PayloadError(ValueError):
@@ -25,6 +25,22 @@ class PayloadError(ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class Pruned(Exception):
+    """Events after the reader's position were pruned before it read them: it goes on after ``horizon``."""
+
+    def __init__(self, horizon: int) -> None:
+        super().__init__(f"events up to {horizon} were pruned")
+        self.horizon = horizon
+
+
+class UnknownEvent(Exception):
+    """A position after every event this database issued (the newest is ``newest``)."""
+
+    def __init__(self, newest: int) -> None:
+        super().__init__(f"no event after {newest} was issued")
+        self.newest = newest
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class ExecutionEvent:
         if frame.find(b"\n", data_at) != len(frame) - 2 or b"\r" in frame:
             # A payload with raw line breaks (the trigger's JSON has none): one data: line per line.
             payload = frame[data_at:-2].decode("utf-8")
-            frame = Message(data=payload, id=event_id).encode()
+            frame = Frame(data=payload, id=event_id).encode()
         return cls(event_id=event_id, entity_id=entity_id, frame=frame, recorded_at=recorded_at,
                    action_ref=action_ref)
 
@@ -62,11 +78,27 @@ def joined(events: list[ExecutionEvent]) -> bytes:
     return events[0].frame if len(events) == 1 else b"".join(event.frame for event in events)
 
 
-def reset_frame(reason: str, position: int) -> bytes:
+class ResetReason(str, enum.Enum):
+    """Why a client's history has a hole: the ``reason`` of its ``event: reset`` (DESIGN.md)."""
+
+    PRUNED = "events you missed were pruned (retention)"
+    REWOUND = "the database went back in time: reload"
+    UNKNOWN_ID = "unknown event id: this server has no event after it"
+
+    @classmethod
+    def of_frame(cls, frame: bytes) -> ResetReason:
+        """The reason a ``reset_frame`` gives; ValueError if it is not one."""
+        data_at = frame.find(b"\ndata: ")
+        if not frame.startswith(b"event: reset\n") or data_at < 0:
+            raise ValueError("not a reset frame")
+        return cls(json.loads(frame[data_at + 7:].split(b"\n", 1)[0])["reason"])
+
+
+def reset_frame(reason: ResetReason, position: int) -> bytes:
     """``event: reset``: the client's history has a hole (pruned, or the database went back in time);
     it should reload what it shows. Its id is where the stream goes on from."""
-    data = json.dumps({"reason": reason, "resumed_from_event_id": position}, separators=(",", ":"))
-    return Message(data=data, event="reset", id=position).encode()
+    data = json.dumps({"reason": reason.value, "resumed_from_event_id": position}, separators=(",", ":"))
+    return Frame(data=data, event="reset", id=position).encode()
 
 
 def parse_notification(payload: str) -> tuple[int, int]:

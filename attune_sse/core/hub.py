@@ -1,6 +1,7 @@
 """Fan-out of execution events to the SSE clients of one worker process.
 
-Each subscriber owns a list of pending events. ``publish`` never waits: a subscriber whose
+Each subscriber owns a list of pending events. ``publish_batch`` (called by the
+worker's feed, the only one that publishes) never waits: a subscriber whose
 queue already holds ``max_pending`` events, or whose events not yet written hold more
 than ``max_client_bytes``, is closed with reason ``overflow`` and its ``on_overflow``
 callback runs (the stream view drops the connection: a client that does not read
@@ -17,7 +18,7 @@ No Flask and no psycopg2 here.
 
 Direct writes: when a subscriber's writer is idle (waiting, nothing pending)
 and its stream gave a sink that takes them (``sink.direct``: sink.py, the
-client's socket under gunicorn), ``publish`` has the sink frame the batch once
+client's socket under gunicorn), ``publish_batch`` has the sink frame the batch once
 and write it itself, without waking the writer: one non-blocking write per
 client and no greenlet switch. Whatever the sink does not take at once (a
 partial write) is left in ``_raw`` for the writer to finish before anything
@@ -60,7 +61,7 @@ _DETACHED = Buffers()  # where an unsubscribed subscriber's accounting goes (its
 
 @dataclass
 class HubStats:
-    published: int = 0  # events the listener handed to the hub
+    published: int = 0  # events the feed handed to the hub
     delivered: int = 0  # (event, subscriber) pairs accepted: queued, or written directly
     sent: int = 0  # (event, subscriber) pairs written to a client: directly, or by the stream view
     overflows: int = 0  # slow clients disconnected
@@ -237,7 +238,7 @@ class Hub:
         self.buffers = Buffers()
         self.stats = HubStats()
         # Every event id up to here was published (or will never exist): where a new
-        # stream starts, and how far a resuming one reads the record. Set by the listener.
+        # stream starts, and how far a resuming one reads the record. The feed's position, as it told it.
         self.position: int | None = None
         self._positioned = gevent.event.Event()
         # Streams of every execution, grouped by what they may read: a batch is filtered
@@ -256,7 +257,7 @@ class Hub:
         return self._closed
 
     def advance(self, position: int) -> None:
-        """The listener has resolved every event id up to ``position``."""
+        """Every event id up to ``position`` is resolved (the feed says so)."""
         if self.position is None or position > self.position:
             self.position = position
             self._positioned.set()
@@ -273,7 +274,7 @@ class Hub:
             sub._offer([notice], len(frame))
 
     def wait_position(self, timeout: float) -> int | None:
-        """The position, waiting up to ``timeout`` s for the listener's first; None if it has none yet."""
+        """The position, waiting up to ``timeout`` s for the feed's first; None if it has none yet."""
         if self.position is None:
             self._positioned.wait(timeout)
         return self.position
@@ -366,10 +367,6 @@ class Hub:
                 else:
                     sub.scope = scope
         return ended
-
-    def publish(self, event: ExecutionEvent) -> int:
-        """Offer one event to every matching subscriber without waiting; return how many got it."""
-        return self.publish_batch([event])
 
     def publish_batch(self, events: list[ExecutionEvent]) -> int:
         """Offer events (in id order) to every matching subscriber without waiting; return the deliveries.

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 from attune_sse.core import sse
-from attune_sse.core.event import joined
+from attune_sse.core.event import ExecutionEvent, Pruned, ResetReason, UnknownEvent, joined, reset_frame
 from attune_sse.core.grants import EVERYTHING, Principal, Scope
 from attune_sse.core.hub import SIGNED_OUT, TOKEN_EXPIRED, Hub, Sink, Subscription
 from attune_sse.errors import NotReady
@@ -71,6 +71,46 @@ def _keepalive(sub: Subscription, position: int | None) -> bytes:
     return b"id: %d\n%s" % (position, sse.KEEPALIVE)
 
 
+Backlog = Callable[[int, int, Callable[[], Scope]], Iterator[tuple[list[ExecutionEvent], int]]]
+
+
+def _replay(sub: Subscription, backlog: Backlog, after: int, through: int) -> Generator[bytes, None, int]:
+    """What a resuming client missed, from the record, in chunks of about CHUNK_BYTES; the position it
+    reached (generator's return value). A hole in its history (pruned, or an id never issued) gets it
+    a ``reset``, and the replay goes on from there."""
+    client_at = after
+    while True:
+        try:
+            for events, reached in backlog(client_at, through, lambda: sub.scope):
+                if sub.reason is not None:
+                    return client_at  # signed out (or the worker stops): the rest is not owed
+                yield from _in_chunks(events)
+                del events  # not held while the next page is read
+                client_at = reached
+            return client_at
+        except Pruned as exc:
+            client_at = exc.horizon
+            yield reset_frame(ResetReason.PRUNED, client_at)
+        except UnknownEvent as exc:
+            client_at = exc.newest
+            yield reset_frame(ResetReason.UNKNOWN_ID, client_at)
+
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _in_chunks(events: list[ExecutionEvent]) -> Iterator[bytes]:
+    """Frames joined up to about CHUNK_BYTES; a larger frame goes alone, uncopied."""
+    start, size = 0, 0
+    for i, event in enumerate(events):
+        if i > start and size + len(event.frame) > CHUNK_BYTES:
+            yield joined(events[start:i])
+            start, size = i, 0
+        size += len(event.frame)
+    if start < len(events):
+        yield joined(events[start:])
+
+
 def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  reconnect_spread_ms: int = 0,
                  last_event_id: int | None = None,
@@ -79,7 +119,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
                  identity_key: str | None = None,
                  scope: Scope = EVERYTHING,
                  confirm: Callable[[], dict[int, Principal | None]] | None = None,
-                 backlog: Callable[[int, int, Callable[[], Scope]], Iterator[tuple[bytes, int]]] | None = None,
+                 backlog: Backlog | None = None,
                  connection: Client | None = None) -> Iterator[bytes]:
     """The bytes of one client's stream, from subscription to close.
 
@@ -87,7 +127,9 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
     up to it; only events of executions ``scope`` allows are sent (the hub
     narrows it if ``identity``'s access changes). With ``last_event_id``,
     ``backlog(last_event_id, position, scope_now)`` supplies what the client
-    missed, as (frames, id reached), before the live events. When the stream
+    missed, as (events, id reached) a page at a time, before the live events;
+    where it raises ``Pruned`` or ``UnknownEvent`` the client gets a ``reset``
+    and the replay goes on from where the reset says. When the stream
     ends, its ``retry:`` is ``retry_ms`` plus a random share of
     ``reconnect_spread_ms``, so the clients of a stopping worker come back
     spread out instead of all at once.
@@ -120,7 +162,7 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         retry = retry_ms + int(random.uniform(0, reconnect_spread_ms))
         if position is None:
             log.warning("ending a new stream: this worker's listener has not reached the database yet")
-            yield sse.Message(retry=retry).encode() + sse.comment("not ready: reconnect")
+            yield sse.Frame(retry=retry).encode() + sse.comment("not ready: reconnect")
             return
         # First write: tells EventSource how long to wait before a reconnect, and
         # sends the headers, so the client knows it is subscribed. A new client (no
@@ -128,20 +170,13 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         # EventSource's last event id without an event. If the connection breaks
         # before any event came, its reconnect resumes from there.
         first_id = position if last_event_id is None else None
-        yield sse.Message(retry=retry_ms, id=first_id).encode() + sse.comment("connected")
+        yield sse.Frame(retry=retry_ms, id=first_id).encode() + sse.comment("connected")
         # Live events up to the position are not owed (or come from the record); later
         # ones are queued while the backlog is sent, and kept or left out once it is.
         sub.skip_through = position
         if last_event_id is not None and backlog is not None:
             try:
-                client_at = last_event_id
-                for frames, reached in backlog(last_event_id, position, lambda: sub.scope):
-                    if sub.reason is not None:
-                        break  # signed out (or the worker stops): the rest is not owed
-                    if frames:
-                        yield frames
-                    del frames  # not held while the next page is read
-                    client_at = reached
+                client_at = yield from _replay(sub, backlog, last_event_id, position)
             except NotReady as exc:
                 log.warning("ending a stream: its backlog could not be read (%s)", exc.message)
                 return
@@ -165,11 +200,11 @@ def event_stream(hub: Hub, execution_id: int | None, *, retry_ms: int,
         # Spread the reconnects of many clients instead of a storm.
         if sub.reason == TOKEN_EXPIRED:
             data = json.dumps({"reason": "the access token expired: refresh it and reconnect with Last-Event-ID"})
-            yield sse.Message(data=data, event="token_expired", retry=retry).encode()
+            yield sse.Frame(data=data, event="token_expired", retry=retry).encode()
         elif sub.reason == SIGNED_OUT:
             data = json.dumps({"reason": "this identity was frozen or deleted"})
-            yield sse.Message(data=data, event="signed_out", retry=retry).encode()
+            yield sse.Frame(data=data, event="signed_out", retry=retry).encode()
         else:
-            yield sse.Message(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
+            yield sse.Frame(retry=retry).encode() + sse.comment(f"stream closed: {sub.reason}")
     finally:
         hub.unsubscribe(sub)

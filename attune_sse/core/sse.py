@@ -19,8 +19,8 @@ def _field(name: str, value: str) -> str:
 
 
 @dataclass(frozen=True)
-class Message:
-    """One SSE message; ``str()`` gives its wire form, ending in a blank line."""
+class Frame:
+    """One SSE message (an event, a comment-free block); ``str()`` gives its wire form, ending in a blank line."""
 
     data: str | None = None
     id: str | int | None = None

@@ -13,8 +13,8 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 from flask_jwt_extended import verify_jwt_in_request
 
-from attune_sse.core.event import MAX_BIGINT
 from attune_sse.core.grants import Scope
+from attune_sse.core.ids import MAX_BIGINT
 from attune_sse.errors import Conflict, Forbidden, NotFound, Unprocessable
 from attune_sse.http.auth import current_principal
 from attune_sse.http.io import json_body, positive_int_arg

@@ -23,8 +23,8 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from attune_sse.config import Config
 from attune_sse.core import logins
-from attune_sse.core.event import MAX_BIGINT
 from attune_sse.core.grants import Principal
+from attune_sse.core.ids import MAX_BIGINT
 from attune_sse.errors import Conflict, Forbidden, NotReady, TooManyRequests, Unauthorized
 from attune_sse.http.io import json_body
 from attune_sse.http.state import state

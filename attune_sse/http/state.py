@@ -7,17 +7,20 @@ the factory that imports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import gevent
 from flask import current_app
 
-from attune_sse.config import Config
-from attune_sse.core.hub import Hub
-from attune_sse.runtime.access import AccessControl
-from attune_sse.runtime.feed import Feed
-from attune_sse.runtime.metrics import Metrics
-from attune_sse.runtime.relay import Relay
-from attune_sse.storage.db import Pool
+if TYPE_CHECKING:  # the views need the types only: the runtime is the factory's to import (app.py)
+    import gevent
+
+    from attune_sse.config import Config
+    from attune_sse.core.hub import Hub
+    from attune_sse.runtime.access import AccessControl
+    from attune_sse.runtime.election import Relay
+    from attune_sse.runtime.feed import Feed
+    from attune_sse.runtime.metrics import Metrics
+    from attune_sse.storage.db import Pool
 
 EXTENSION = "attune_sse"
 

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any
 
-from attune_sse.core.event import MAX_BIGINT
+from attune_sse.core.ids import MAX_BIGINT
 from attune_sse.errors import BadRequest
 
 

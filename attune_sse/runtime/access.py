@@ -84,6 +84,7 @@ class AccessControl:
         self.refresh_seconds = refresh_seconds
         self.generation: int | None = None
         self.reloads = 0  # times the cache was dropped for a change
+        self.applied: int | None = None  # the generation the open streams were last brought to (watch)
         self._cache: dict[int, Principal | None] = {}  # None: no such identity
 
     def principal(self, identity_id: int) -> Principal | None:
@@ -140,6 +141,7 @@ class AccessControl:
                 seen = self.generation
                 try:
                     if not self.refresh():
+                        self.applied = self.generation
                         continue
                     ids = streams()
                     found = self._load(ids, self.watch_pool) if ids else {}
@@ -147,6 +149,7 @@ class AccessControl:
                     log.info("access changed (generation %s): %d identities with streams reloaded",
                              self.generation, len(ids))
                     apply(principals)
+                    self.applied = self.generation
                 except NotReady as exc:
                     self._retry_from(seen)
                     log.warning("could not check for access changes (retrying): %s", exc.message)
@@ -155,6 +158,9 @@ class AccessControl:
                     log.exception("access watcher failed; retrying")
 
         return gevent.spawn(run)
+
+    def stats(self) -> dict[str, Any]:
+        return {"generation": self.generation, "applied": self.applied, "reloads": self.reloads}
 
     def _retry_from(self, seen: int | None) -> None:
         """A change seen but not applied to the streams: look at it again on the next poll."""

@@ -1,11 +1,12 @@
 """``events.fanout: redis``: one LISTEN per cluster, fan-out to every instance through a Redis stream.
 
-Each instance's leader (relay.py) runs a ``BrokerSource``: it reads the
-stream and hands every message to its own hub and its followers, and it
+Each instance's leader (election.py) runs a ``BrokerSource`` (a source,
+sources.py): it reads the stream and hands every message to its outlet (its
+own feed and its followers), and it
 stands for election as the cluster's *publisher*: the worker holding a
 PostgreSQL advisory lock (on a connection of its own, so the lock goes with the
-process) runs the only LISTEN of the cluster and appends its messages
-(feed.py) to the stream. When it dies, PostgreSQL drops the lock with its
+process) runs the only LISTEN of the cluster and emits its messages
+(message.py) to the stream (``Publisher`` is that listener's outlet). When it dies, PostgreSQL drops the lock with its
 session and another instance's leader takes it within ``ELECTION_INTERVAL``; it
 goes on from the newest position in the stream, reading the record after it.
 
@@ -32,9 +33,11 @@ import psycopg2
 
 from attune_sse.config import Config
 from attune_sse.errors import one_line
-from attune_sse.runtime.feed import SILENCE_LIMIT, Message, decode, encode
-from attune_sse.runtime.listener import Listener
-from attune_sse.runtime.relay import Broadcast, Relay
+from attune_sse.runtime.backoff import backoff
+from attune_sse.runtime.feed import Feed
+from attune_sse.runtime.listener import Listener, ListenerSettings
+from attune_sse.runtime.message import SILENCE_LIMIT, Message, Outlet, decode, encode
+from attune_sse.runtime.sources import MakeSource, Source
 from attune_sse.storage.db import connect
 
 log = logging.getLogger(__name__)
@@ -71,27 +74,27 @@ def source_of(url: str) -> str:
         conn.close()
 
 
-def _backoff(failures: int) -> float:
-    """Seconds to wait after ``failures`` failed attempts: doubling from 0.1 s up to 5 s, with jitter."""
-    return min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-
-
 class BrokerSource:
     """An instance leader's source: the Redis stream in, its hub and followers out; and a candidate
     for the cluster's publisher."""
 
-    def __init__(self, config: Config, url: str, relay: Relay, **listener_settings: Any) -> None:
+    def __init__(self, config: Config, url: str, outlet: Outlet, feed: Feed, settings: ListenerSettings) -> None:
         import redis
 
         # Any Redis error (a lost connection, or LOADING, READONLY, a blocked read undone by a failover)
         # is waited out; the position has not moved.
         self._errors = redis.RedisError
-        self.relay = relay
+        self.outlet = outlet
+        self.feed = feed
         self.key = config["events.redis_stream"]
         self.redis = _redis(config)
         self.source = source_of(url)
         self._foreign: set[str] = set()
-        self.publisher = Publisher(config, url, self.source, **listener_settings)
+        self.entries = 0  # entries read from the stream
+        self.skipped = 0  # entries that were not messages of this deployment
+        self.errors = 0  # failed reads of Redis
+        self.restarts = 0  # times the stream was found started over below this reader
+        self.publisher = Publisher(config, url, self.source, settings)
         self._greenlets = [gevent.spawn(self._read), gevent.spawn(self.publisher.run)]
 
     @property
@@ -100,14 +103,17 @@ class BrokerSource:
 
     def beat(self) -> None:
         """While the stream is silent, followers still hear from their leader (events do not flow)."""
-        feed = self.relay.feed
+        feed = self.feed
         if feed.position is not None and time.monotonic() - feed.last_message >= SILENCE_LIMIT:
-            message = Message(after=feed.position, to=feed.position, ok=False, epoch=feed.epoch or 0,
-                              base=feed.base)
-            self.relay.deliver(message, encode(message))
+            self.outlet.send(Message(after=feed.position, to=feed.position, ok=False, epoch=feed.epoch or 0,
+                                     base=feed.base))
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": self.entries, "skipped": self.skipped, "errors": self.errors, "restarts": self.restarts,
+                "publishing": self.publisher.leading, "appended": self.publisher.appended}
 
     def _read(self) -> None:
-        feed = self.relay.feed
+        feed = self.feed
         # From where this worker is (it may have followed another leader); a new instance from now on.
         last_id: Any = f"{feed.position}-0" if feed.position is not None else "$"
         failures = 0
@@ -116,14 +122,16 @@ class BrokerSource:
             try:
                 reply = self.redis.xread({self.key: last_id}, count=READ_COUNT, block=READ_BLOCK_MS)
                 if not reply and time.monotonic() - last_entry > SILENCE_LIMIT and self._went_back(last_id):
+                    self.restarts += 1
                     last_id = "0-0"
                     continue
             except self._errors as exc:
                 failures += 1
+                self.errors += 1
                 if failures == 1:
                     log.warning("broker: reading %s from Redis failed (%s); events are not being received; "
                                 "retrying", self.key, exc)
-                gevent.sleep(_backoff(failures))
+                gevent.sleep(backoff(failures))
                 if feed.position is not None:
                     # The broker may have come back empty (entry ids restart below ours): read
                     # everything at or after our position, duplicates are dropped by the feed.
@@ -135,11 +143,13 @@ class BrokerSource:
             for _key, entries in reply or ():
                 for entry_id, fields in entries:
                     last_entry = time.monotonic()
+                    self.entries += 1
                     data = fields.get(b"m")
                     try:
                         if data is not None:
                             self._deliver(data)
                     except (ValueError, KeyError) as exc:
+                        self.skipped += 1
                         log.warning("broker: skipped entry %s of %s, not a message of ours (%s)", entry_id,
                                     self.key, exc)
                     except Exception as exc:
@@ -161,7 +171,7 @@ class BrokerSource:
                           "two deployments share events.redis_stream; give each its own. They are not delivered",
                           self.key, message.source or "(none)", self.source)
             return
-        self.relay.deliver(message, data)
+        self.outlet.send(message)  # the bytes go on as they came (the message keeps them)
 
     def _went_back(self, last_id: Any) -> bool:
         """Whether the stream now ends below where this reader is: the publisher started it over after
@@ -177,14 +187,16 @@ class BrokerSource:
 
     def stop(self) -> None:
         for greenlet in self._greenlets:
-            greenlet.kill(block=False)
+            greenlet.kill()
         self.publisher.stop()
+        self.redis.close()
 
 
 class Publisher:
-    """Stands for the cluster's lock; while it holds it, LISTENs and appends every message to the stream."""
+    """Stands for the cluster's lock; while it holds it, LISTENs and appends every message to the stream
+    (it is that listener's outlet)."""
 
-    def __init__(self, config: Config, url: str, source: str, **listener_settings: Any) -> None:
+    def __init__(self, config: Config, url: str, source: str, settings: ListenerSettings) -> None:
         import redis
 
         self.source = source
@@ -197,9 +209,11 @@ class Publisher:
         self.maxlen = config["events.redis_maxlen"]
         self.lock_key = zlib.crc32(f"attune-sse publisher of {self.key}".encode())
         self.redis = _redis(config)
-        self.listener_settings = listener_settings
+        self.settings = settings
         self.listener: Listener | None = None
         self.leading = False
+        self.appended = 0  # entries this worker added to the stream
+        self.refused = 0  # entries Redis refused (an id at or below the stream's newest)
 
     def run(self) -> None:
         while True:
@@ -239,15 +253,11 @@ class Publisher:
         log.warning("broker: this worker publishes the cluster's events to Redis stream %s, from event %s",
                     self.key, position if position is not None else "(the newest)")
         self.leading = True
-        listener = None
-        broadcast = Broadcast(self._append, lambda: listener is not None and listener.connected, position, epoch, base,
-                              self.source)
-        listener = Listener(self.url, broadcast, **self.listener_settings)  # type: ignore[arg-type]
-        listener.position = position
-        self.listener = listener.start()
+        listener = self.listener = Listener(self.url, self, position=position, epoch=epoch, base=base,
+                                            settings=self.settings).start()
         while True:
             gevent.sleep(1.0)
-            broadcast.beat()
+            listener.beat()
             with gevent.Timeout(5.0, OSError("the lock's connection did not answer in 5s")), conn.cursor() as cur:
                 cur.execute("SELECT 1")  # a lost connection is a lost lock: stop publishing
 
@@ -270,20 +280,24 @@ class Publisher:
                 failures += 1
                 if failures == 1:
                     log.warning("broker: the publisher cannot reach Redis (%s); waiting for it", exc)
-                gevent.sleep(_backoff(failures))
+                gevent.sleep(backoff(failures))
 
-    def _append(self, message: Message, data: bytes) -> None:
+    def send(self, message: Message) -> None:
         """One entry per message. Events wait for Redis (the listener holds its position meanwhile);
         a heartbeat that cannot be written is dropped."""
+        message.source = self.source
+        data = encode(message)
         failures = 0
         while True:
             try:
                 self.redis.xadd(self.key, {"m": data}, id=f"{message.to}-*", maxlen=self.maxlen, approximate=True)
+                self.appended += 1
                 if failures:
                     log.warning("broker: writing to Redis again after %d failed attempt(s)", failures)
                 return
             except self._refused as exc:
                 if "equal or smaller" in str(exc):
+                    self.refused += 1
                     if self._settle_refusal(message):
                         return
                     continue  # the stream was started over: write again
@@ -297,7 +311,7 @@ class Publisher:
             failures += 1
             if failures == 1:
                 log.warning("broker: %s; events wait in the record until Redis takes them", problem)
-            gevent.sleep(_backoff(failures))
+            gevent.sleep(backoff(failures))
 
     def _settle_refusal(self, message: Message) -> bool:
         """Redis refused ``message``'s id (``equal or smaller`` than the stream's newest): True if nothing
@@ -332,7 +346,7 @@ class Publisher:
             return f"entry {top[0][0].decode()} is not a message of attune-sse"
         if newest.source != self.source:
             return "foreign"
-        if message.reset:
+        if message.reset is not None:
             return f"the database went back to event {message.to}"
         return None
 
@@ -346,3 +360,11 @@ class Publisher:
 
     def stop(self) -> None:
         self._stop_listener()
+        self.redis.close()
+
+
+def stream(config: Config, url: str, settings: ListenerSettings) -> MakeSource:
+    """The source maker of ``events.fanout: redis``."""
+    def make(outlet: Outlet, feed: Feed) -> Source:
+        return BrokerSource(config, url, outlet, feed, settings)
+    return make

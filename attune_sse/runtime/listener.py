@@ -1,12 +1,13 @@
-"""The LISTEN greenlet: doorbells in, events from the record out to the hub.
+"""The LISTEN greenlet: doorbells in, the record's events out, as messages (message.py) to an outlet.
 
-One per instance, in the worker that leads it (relay.py), or one per cluster
-with a broker (broker.py); it publishes to whatever takes the hub's place there
-(``hub`` is anything with ``publish_batch``, ``advance`` and ``reset``: the
-relay's ``Broadcast``, or a plain Hub in tests). It owns its connection (autocommit, never shared)
-and waits with ``poll()`` made cooperative by gevent. A notification is only
+One per instance, in the worker that leads it (election.py: its outlet is the
+leader's Fanout, to its own feed and its followers), or one per cluster with a
+broker (broker.py: its outlet is the Redis stream). It owns its connection
+(autocommit, never shared) and waits with ``poll()`` made cooperative by
+gevent. Its *position* is where it has read the record to, and its history
+(``epoch``, ``base``) the one its messages belong to. A notification is only
 a doorbell: on each wake-up the listener reads the record after its
-*position* and publishes what it finds, in pages (record.py). What a
+*position* and emits what it finds, in pages (record.pages). What a
 notification says is never sent to anyone, since any database role can NOTIFY
 anything on the channel; it is checked against the record afterwards, and
 what the record does not bear out is counted (``rejected``, by kind) and
@@ -37,7 +38,6 @@ so what was recorded meanwhile reaches clients before anything newer.
 from __future__ import annotations
 
 import logging
-import random
 import select
 import time
 from collections import OrderedDict
@@ -49,9 +49,11 @@ import gevent.event
 import gevent.select
 import psycopg2
 
-from attune_sse.core.event import ExecutionEvent, PayloadError, parse_notification, reset_frame
-from attune_sse.core.hub import Hub
+from attune_sse.config import Config
+from attune_sse.core.event import ExecutionEvent, PayloadError, ResetReason, parse_notification
 from attune_sse.errors import one_line
+from attune_sse.runtime.backoff import backoff
+from attune_sse.runtime.message import Message, Outlet
 from attune_sse.storage import record
 from attune_sse.storage.db import connect
 
@@ -64,6 +66,20 @@ GAP_RECHECK_MAX = 1.0  # s between looks at pg_locks, at most, while a commit st
 RECENT_IDS = 16384  # published ids kept to tell a late doorbell from a forged one
 CHECK_LIMIT = 1000  # notifications checked against the record per wake-up, at most
 READ_SPACING = 0.005  # s between reads of the record at least: under load one read brings several events
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """How the listener keeps its connection (``listener.*`` in the config)."""
+
+    ping_interval: float = 3.0  # s of silence after which it pings
+    ping_timeout: float = 5.0  # s a ping may take before the connection is taken for dead
+    reconnect_max_delay: float = 5.0  # s between reconnect attempts, at most
+
+    @classmethod
+    def of(cls, config: Config) -> ListenerSettings:
+        return cls(ping_interval=config["listener.ping_interval"], ping_timeout=config["listener.ping_timeout"],
+                   reconnect_max_delay=config["listener.reconnect_max_delay"])
 
 
 class PingTimeout(Exception):
@@ -92,20 +108,24 @@ class Listener:
     def __init__(
         self,
         url: str,
-        hub: Hub,
+        outlet: Outlet,
         *,
-        ping_interval: float = 3.0,
-        ping_timeout: float = 5.0,
-        reconnect_max_delay: float = 5.0,
+        position: int | None = None,
+        epoch: int = 0,
+        base: int = 0,
+        settings: ListenerSettings = ListenerSettings(),
     ) -> None:
         self.url = url
-        self.hub = hub
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.reconnect_max_delay = reconnect_max_delay
-        self.position: int | None = None  # every event id up to here is resolved
+        self.outlet = outlet
+        self.ping_interval = settings.ping_interval
+        self.ping_timeout = settings.ping_timeout
+        self.reconnect_max_delay = settings.reconnect_max_delay
+        # Every event id up to here is resolved; None: from the newest once it starts. A worker that
+        # followed another leader goes on from where its feed is, in the history it is in.
+        self.position: int | None = position
+        self.epoch, self.base = epoch, base
         self.reconnects = 0
-        self.received = 0  # events published
+        self.published = 0  # events published
         self.caught_up = 0  # of which read after a reconnect
         self.skipped = 0  # ids passed: drawn by transactions that did not commit
         self.rejected: dict[str, int] = {}  # notifications the record does not bear out, by kind
@@ -143,6 +163,20 @@ class Listener:
             self._greenlet = None
         self._connected.clear()
 
+    def beat(self) -> None:
+        """A heartbeat: followers hear where it is, and whether its LISTEN is connected, while no event comes."""
+        if self.position is not None:
+            self._emit(Message(after=self.position, to=self.position, ok=self.connected))
+
+    def stats(self) -> dict[str, Any]:
+        return {"position": self.position, "published": self.published, "caught_up": self.caught_up,
+                "skipped": self.skipped, "rejected": dict(self.rejected), "reconnects": self.reconnects,
+                "lag_seconds": self.lag, "backend_pid": self.backend_pid}
+
+    def _emit(self, message: Message) -> None:
+        message.epoch, message.base = self.epoch, self.base
+        self.outlet.send(message)
+
     # -- the loop ----------------------------------------------------------
 
     def _run(self) -> None:
@@ -172,11 +206,11 @@ class Listener:
                     # A bug, not a network fault: say so loudly, but keep the worker's stream alive.
                     log.exception("listener: unexpected error; reconnecting")
                 attempt += 1
-                delay = min(self.reconnect_max_delay, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt, self.reconnect_max_delay)
                 log.warning(
                     "listener: connection lost or refused (%s); events are not being received; "
                     "reconnect attempt %d in %.2fs",
-                    _one_line(exc), attempt, delay,
+                    f"{type(exc).__name__}: {one_line(exc)}", attempt, delay,
                 )
                 gevent.sleep(delay)
             finally:
@@ -217,7 +251,7 @@ class Listener:
             gevent.sleep(pause)
             pause = min(1.0, pause * 2)
         self.position = newest
-        self.hub.advance(newest)
+        self._emit(Message(after=newest, to=newest))
 
     def _check_not_rewound(self, conn: Any) -> None:
         """After a reconnect: a database restored from a backup, or a replica promoted, may not hold
@@ -235,11 +269,10 @@ class Listener:
             shared = record.newest_recorded_by(cur, at)
         log.error("listener: the database no longer holds event %d as this worker published it: it was restored "
                   "or failed over; telling clients to reload, and going on after event %d", event_id, shared)
-        self.position = shared
         self._last_published = None
         self._gap = None
         self._recent.clear()
-        self.hub.reset(reset_frame("the database went back in time: reload", shared), shared)
+        self._reset(ResetReason.REWOUND, shared)
 
     def _serve(self, conn: Any) -> None:
         """Wait for doorbells until the connection fails (raises) or the greenlet is killed."""
@@ -298,32 +331,34 @@ class Listener:
             gap = self._gap
             # While an id is missing, only up to the event seen after it: the rest was read already.
             through = None if gap is None else gap.below
+            hole = False
             self._last_read = time.monotonic()
-            position = self._position
-            with conn.cursor() as cur:
-                page = record.events_after(cur, position, through=through, prepared=True)
-            events = page.events
-            run = 0  # the events that follow the position without a hole
-            while run < len(events) and events[run].event_id == position + 1 + run:
-                run += 1
-            self._publish(events[:run])
-            published += run
-            if run < len(events):  # an id is missing before events[run]
-                self._gap_before(events[run].event_id)
+            for page in record.pages(conn.cursor, self._position, through=through, prepared=True):
+                events, position = page.events, self._position
+                run = 0  # the events that follow the position without a hole
+                while run < len(events) and events[run].event_id == position + 1 + run:
+                    run += 1
+                self._publish(events[:run])
+                published += run
+                if run < len(events):  # an id is missing before events[run]
+                    self._gap_before(events[run].event_id)
+                    hole = True
+                    break
+            if hole:
                 if not self._look_at_gap(conn):
                     return published
             elif gap is not None:
                 self._gap = None  # filled: read on, unbounded
-            elif not page.full:
+            else:
                 return published
 
     def _publish(self, events: list[ExecutionEvent]) -> None:
         if not events:
             return
-        self.hub.publish_batch(events)
+        self._emit(Message(after=self._position, to=events[-1].event_id, events=events))
         self.position = events[-1].event_id
         self._last_published = (events[-1].event_id, events[-1].recorded_at)
-        self.received += len(events)
+        self.published += len(events)
         self.lag = max(0.0, time.time() - events[-1].recorded_at)
         recent = self._recent
         for event in events:
@@ -349,8 +384,8 @@ class Listener:
                 passed = min(horizon, gap.below - 1)
                 log.warning("listener: events %d..%d were pruned before this listener published them "
                             "(events.retention_*); telling its clients to reload", gap.first, passed)
-                self._pass(passed)
-                self.hub.reset(reset_frame("events you missed were pruned (retention)", passed), passed)
+                self._gap = None
+                self._reset(ResetReason.PRUNED, passed)
                 return True
             if gap.holders is None:
                 gap.holders = record.id_holders(cur)  # looked at after the gap was seen: see the module doc
@@ -361,15 +396,9 @@ class Listener:
         # Whoever drew the missing ids has ended: what the record holds up to `below` is all there will be.
         # Read it all first (a few events: `below` is the first one seen after the gap), so the log says
         # what was passed before any client gets the events after it.
-        start = after = self._position
-        found: list[ExecutionEvent] = []
-        while True:
-            with conn.cursor() as cur:
-                page = record.events_after(cur, after, through=gap.below, prepared=True)
-            found.extend(page.events)
-            if not page.full or not page.events:
-                break
-            after = page.events[-1].event_id
+        start = self._position
+        found = [e for page in record.pages(conn.cursor, start, through=gap.below, prepared=True)
+                 for e in page.events]
         missing = gap.below - start - len(found)
         if missing:
             self.skipped += missing
@@ -380,9 +409,17 @@ class Listener:
         return True
 
     def _pass(self, position: int) -> None:
-        self.position = max(self._position, position)
-        self.hub.advance(self.position)
+        """Every id up to ``position`` is resolved, whether or not an event had it."""
+        if position > self._position:
+            self._emit(Message(after=self._position, to=position))
+            self.position = position
         self._gap = None
+
+    def _reset(self, reason: ResetReason, position: int) -> None:
+        """A new history, going on from ``position``: every client reloads."""
+        self.epoch, self.base = time.time_ns(), position
+        self.position = position
+        self._emit(Message(after=position, to=position, reset=reason))
 
     # -- checking what the doorbells said -----------------------------------
 
@@ -427,7 +464,3 @@ class Listener:
                 "attune_sse_notifications_rejected_total{kind=\"%s\"}: %.120r",
                 CHANNEL, notify.pid, reason, kind, notify.payload,
             )
-
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {one_line(exc)}"

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gunicorn.glogging import Logger
 
-from attune_sse.config import ENV_PREFIX, Config, check_production, load_config, log_level_name
-from attune_sse.runtime.relay import RELAY_DIR_ENV
+from attune_sse.config import ENV_PREFIX, RELAY_DIR_ENV, Config, check_production, load_config, log_level_name
 from attune_sse.storage.db import make_psycopg2_green, start_database
 from attune_sse.storage.migrate import migrate_database
 
@@ -83,7 +82,7 @@ def on_starting(server: Any) -> None:
     check_production(config)
     _raise_open_file_limit(config["server.worker_connections"])
     _prepare_folders()
-    # The instance's relay folder: its workers elect the one that LISTENs for all (runtime/relay.py).
+    # The instance's relay folder: its workers elect the one that LISTENs for all (runtime/election.py).
     relay_dir = tempfile.mkdtemp(prefix="attune-sse-relay-")
     _folders["relay"] = Path(relay_dir)
     os.environ[RELAY_DIR_ENV] = relay_dir

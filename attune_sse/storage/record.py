@@ -1,5 +1,8 @@
 """The durable record of execution events: what clients receive, read in pages; pruning.
 
+What a reader must act on is raised (``Pruned``, ``UnknownEvent``, core/event.py): the
+reader (the feed, a resuming session) decides what its clients are told.
+
 ``attune.execution_event`` is the mailbox; NOTIFY is only the doorbell. The
 trigger (``sql/20261127000001_record_events_at_commit.sql``) writes each event
 as its transaction commits, with an id from a sequence, drawn inside the
@@ -19,12 +22,13 @@ payload that may be megabytes long.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
-from attune_sse.core.event import MAX_BIGINT, ExecutionEvent, joined, reset_frame
+from attune_sse.core.event import MAX_BIGINT, ExecutionEvent, Pruned, UnknownEvent
 
 if TYPE_CHECKING:
     from attune_sse.core.grants import Scope
@@ -196,63 +200,66 @@ def prune(cur: Any, *, max_age_seconds: float | None = None, keep_last: int | No
     return deleted, cur.fetchone()[0]
 
 
+# -- reading page by page ---------------------------------------------------------
+
+Cursors = Callable[[], AbstractContextManager[Any]]  # a cursor for each page (a pool's, or a connection's)
+
+
+def pages(cursors: Cursors, after: int, *, through: int | None = None, execution_id: int | None = None,
+          prepared: bool = False, pruned: bool = False, retire: Pool | None = None) -> Iterator[Page]:
+    """The record's events after ``after`` (up to ``through``), a page at a time, each read with a
+    cursor of its own (``cursors()``): the one page reader of the listener, the feed and resumes.
+
+    With ``pruned``, each page is followed by a look at the horizon: events after the position the
+    page was read from were pruned (before or while it was read) raises ``Pruned``; the caller
+    decides what its clients are told, and reads on after the horizon. With ``retire``, the pool's
+    connection that read an outsized page is closed when it comes back (``Page.large``).
+    """
+    while through is None or after < through:
+        with cursors() as cur:
+            page = events_after(cur, after, execution_id=execution_id, through=through, prepared=prepared)
+            horizon = pruned_to(cur) if pruned else 0  # read after the page: a prune that raced with it shows
+            if retire is not None and page.large:
+                retire.retire(cur.connection)
+        if horizon > after:
+            raise Pruned(horizon if through is None else min(horizon, through))
+        yield page
+        if not page.full or not page.events:
+            return
+        after = page.events[-1].event_id
+
+
 # -- what a resuming stream missed ---------------------------------------------------
 
 def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int,
-                 scope: Callable[[], Scope] | None = None) -> Iterator[tuple[bytes, int]]:
+                 scope: Callable[[], Scope] | None = None) -> Iterator[tuple[list[ExecutionEvent], int]]:
     """What a client resuming after ``after`` missed, up to ``through``, from the record.
 
-    Yields (frames, the client's position once it has them); the last position
-    is where its live stream goes on from. ``through`` is the hub's position, so
-    every id up to it is resolved and the live events carry on from there. A
-    client behind the retention window, or with an id this database never
-    issued, first gets a ``reset`` event. Pages are bounded in bytes
-    (PAGE_BYTES), and frames leave in chunks of about ``CHUNK_BYTES``: a
-    resume over large results holds about a page. Events of executions the
-    stream's scope (``scope()``, asked again for each page: access may narrow
-    meanwhile) does not allow are left out.
+    Yields (events, the client's position once it has them), a page at a time;
+    the last position is where its live stream goes on from. ``through`` is the
+    hub's position, so every id up to it is resolved and the live events carry on
+    from there. Raises ``UnknownEvent`` for an id this database never issued, and
+    ``Pruned`` when the client (or the read) is behind the retention window: the
+    session tells its client, and reads on after the horizon. Events of
+    executions the stream's scope (``scope()``, asked again for each page: access
+    may narrow meanwhile) does not allow are left out.
     """
     with pool.cursor(dict_rows=False) as cur:
         issued = newest(cur)
     if after > issued:
-        yield reset_frame("unknown event id: this server has no event after it", issued), issued
-        return
-    while after < through:
-        with pool.cursor(dict_rows=False) as cur:
-            page = events_after(cur, after, execution_id=execution_id, through=through)
-            # Read after the page: a prune that raced with it shows here.
-            horizon = pruned_to(cur)
-            if page.large:
-                pool.retire(cur.connection)
-        events, full = page.events, page.full
-        del page
-        if horizon > after:
-            yield reset_frame("events you missed were pruned (retention)", horizon), horizon
-            events = [e for e in events if e.event_id > horizon]
-            after = horizon
+        raise UnknownEvent(issued)
+
+    def cursors() -> AbstractContextManager[Any]:
+        return pool.cursor(dict_rows=False)
+
+    for page in pages(cursors, after, through=through, execution_id=execution_id, pruned=True, retire=pool):
+        events = page.events
         if events:
             after = events[-1].event_id
         # Read now, not when the stream opened: a scope narrowed since applies to the rest.
         if scope is not None:
             events = scope().filter(events)
-        yield from _in_chunks(events)
-        del events  # one page at a time: this one is not held while the next is read
-        if not full:
-            break
+        yield events, after
+        del events, page  # one page at a time: this one is not held while the next is read
     # Every id up to `through` is resolved: what the record did not hold, nobody will.
-    yield b"", max(after, through)
-
-
-CHUNK_BYTES = 64 * 1024
-
-
-def _in_chunks(events: list[ExecutionEvent]) -> Iterator[tuple[bytes, int]]:
-    """Frames joined up to about CHUNK_BYTES, with the last id of each; a larger frame goes alone, uncopied."""
-    start, size = 0, 0
-    for i, event in enumerate(events):
-        if i > start and size + len(event.frame) > CHUNK_BYTES:
-            yield joined(events[start:i]), events[i - 1].event_id
-            start, size = i, 0
-        size += len(event.frame)
-    if start < len(events):
-        yield joined(events[start:]), events[-1].event_id
+    yield [], max(after, through)

@@ -1,0 +1,124 @@
+"""The leader's Unix socket: every message to every follower of its instance, in order (election.py).
+
+Each message (message.py) goes as its bytes behind a 4-byte length. The
+leader keeps one bounded queue per follower: a follower that falls more than
+``max_messages`` or ``max_bytes`` behind is dropped (its connection closed),
+and reconnects; its feed then reads what it missed from the record. A new
+follower's first message is the leader's *hello*: where it is, in which
+history, so the follower fills what lies between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent.queue
+from gevent import socket  # cooperative whether or not the process is patched (in-process tests)
+from gevent.server import StreamServer
+
+from attune_sse.runtime.message import Message, decode
+
+log = logging.getLogger(__name__)
+
+# What a follower may be behind before it is dropped (it reconnects and fills from the record).
+FOLLOWER_QUEUE = 10000  # messages
+FOLLOWER_BYTES = 64 * 1024 * 1024
+_LENGTH = struct.Struct("!I")
+
+
+class Followers:
+    """The leader's side of the socket at ``path``: ``send`` puts one message's bytes in every follower's queue."""
+
+    def __init__(self, path: Path, hello: Callable[[], bytes | None], *, max_messages: int = FOLLOWER_QUEUE,
+                 max_bytes: int = FOLLOWER_BYTES) -> None:
+        self.path = path
+        self.hello = hello  # the first message a new follower gets (where the leader is), if any yet
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self.queues: dict[gevent.queue.Queue, int] = {}  # each follower's queue, and the bytes in it
+        self.dropped = 0  # followers dropped for falling behind
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(128)
+        self.inode = os.stat(path).st_ino  # the leader checks the path is still its socket
+        self.server = StreamServer(listener, self._serve)
+        self.server.start()
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def send(self, data: bytes) -> None:
+        frame = _LENGTH.pack(len(data)) + data
+        for q in list(self.queues):
+            if self.queues[q] + len(frame) > self.max_bytes or q.qsize() >= self.max_messages:
+                self._drop(q)
+                continue
+            self.queues[q] += len(frame)
+            q.put_nowait(frame)
+
+    def _end(self, q: gevent.queue.Queue) -> None:
+        """Its writer closes the follower's connection once it takes this."""
+        self.queues.pop(q, None)
+        q.queue.clear()
+        q.put_nowait(None)
+
+    def _drop(self, q: gevent.queue.Queue) -> None:
+        self._end(q)
+        self.dropped += 1
+        log.warning("relay: a follower fell more than %d messages or %d MiB behind and was dropped; it "
+                    "reconnects and reads what it missed from the record", self.max_messages, self.max_bytes >> 20)
+
+    def _serve(self, sock: socket.socket, _address: Any) -> None:
+        q: gevent.queue.Queue = gevent.queue.Queue()  # bounded by send(), which drops rather than waits
+        hello = self.hello()
+        self.queues[q] = 0
+        if hello is not None:
+            q.put_nowait(_LENGTH.pack(len(hello)) + hello)
+            self.queues[q] = _LENGTH.size + len(hello)
+        try:
+            while True:
+                frame = q.get()
+                if frame is None:
+                    return
+                sock.sendall(frame)
+                if q in self.queues:
+                    self.queues[q] -= len(frame)
+        except OSError:
+            pass  # the follower went away
+        finally:
+            self.queues.pop(q, None)
+            sock.close()
+
+    def close(self) -> None:
+        for q in list(self.queues):  # each writer closes its follower's connection: they elect at once
+            self._end(q)
+        self.server.stop(timeout=0.5)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def read_messages(sock: socket.socket) -> Iterator[Message]:
+    """A follower's side: the messages on ``sock``, read in large chunks (one wake-up brings all that
+    came); EOFError once the leader closes it, ValueError for bytes that are not messages."""
+    buffer = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("the leader closed the connection")
+        buffer += chunk
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer, start)
+            end = start + _LENGTH.size + length
+            if end > len(buffer):
+                break
+            yield decode(bytes(buffer[start + _LENGTH.size:end]))
+            start = end
+        del buffer[:start]
