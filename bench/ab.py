@@ -43,6 +43,7 @@ class Side:
     def __init__(self, name: str, label: str, tree: Path, database_url: str, work: Path) -> None:
         self.name, self.label, self.tree, self.database_url = name, label, tree, database_url
         self.execution_ids: list[int] = []
+        self.round = 0
         self.port = free_port()
         config = {"database": {"url": database_url, "pool_size": 5},
                   "server": {"host": "127.0.0.1", "port": self.port, "workers": 2, "worker_connections": 12000,
@@ -63,9 +64,11 @@ class Side:
         if self.tree == THIS:
             apply_migrations(self.database_url)
             return
-        subprocess.run([sys.executable, "-c", "import sys; from attune_sse import migrate; "
-                        "migrate.apply_migrations(sys.argv[1])", self.database_url],
-                       env=self.env, cwd=self.tree, check=True)
+        # Where the checkout keeps it: attune_sse.storage.migrate now, attune_sse.migrate before.
+        subprocess.run([sys.executable, "-c", "import importlib, importlib.util, sys; "
+                        "name = 'attune_sse.storage.migrate' if importlib.util.find_spec('attune_sse.storage') "
+                        "else 'attune_sse.migrate'; importlib.import_module(name).apply_migrations(sys.argv[1])",
+                        self.database_url], env=self.env, cwd=self.tree, check=True)
 
     def start(self) -> None:
         conf = self.tree / "gunicorn.conf.py"
@@ -110,7 +113,15 @@ def measure(side: Side, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         assert side.process is not None
         cpu = {"app": scale.tree(side.process.pid), "load": [p.pid for p in clients.procs]}
         scale.window(clients, updater, args.rate, scale.WARMUP_SECONDS, work, sub["live"])
+        spies = [] if args.profile is None else [
+            subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(args.seconds)),
+                              "--rate", "200", "--format", "raw", "--nonblocking",
+                              "--output", str(args.profile / f"{side.name}-{side.round}-{pid}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in scale.tree(side.process.pid)[1:]]
         result = scale.window(clients, updater, args.rate, args.seconds, work, sub["live"], cpu)
+        for spy in spies:
+            spy.wait(30)
         result["streams"] = sub["live"]
         return result
     finally:
@@ -126,6 +137,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100, help="updates/s")
     parser.add_argument("--seconds", type=float, default=10, help="length of each measured window")
+    parser.add_argument("--profile", type=Path, help="a folder for py-spy's samples of each worker (raw format) "
+                        "during each measured window")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="attune-ab-"))
@@ -133,7 +146,7 @@ def main() -> None:
     embedded.start()
     base_rev = subprocess.run(["git", "-C", str(args.base), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip() or str(args.base)
-    this_rev = subprocess.run(["git", "-C", str(THIS), "rev-parse", "--short", "HEAD"], capture_output=True,
+    this_rev = subprocess.run(["git", "-C", str(THIS), "describe", "--always", "--dirty"], capture_output=True,
                               text=True).stdout.strip()
     try:
         sides = []
@@ -147,6 +160,7 @@ def main() -> None:
         for round_no in range(1, args.rounds + 1):
             order = sides if round_no % 2 else sides[::-1]
             for side in order:
+                side.round = round_no
                 result = measure(side, args, work)
                 rows.append((side.label, round_no, result))
                 scale.log(f"{side.label} round {round_no}: {scale._fmt_window(result)}")
@@ -162,13 +176,13 @@ def report(rows: list[tuple[str, int, dict[str, Any]]], sides: list[Side], args:
     print(f"{'side':<18}{'round':>6}{'streams':>9}{'deliv/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
           f"{'lost':>6}{'app CPU':>9}{'load CPU':>9}")
     for label, round_no, r in rows:
-        print(f"{label:<18}{round_no:>6}{r['streams']:>9}{r['deliveries_per_s']:>9.0f}{r['p50']:>9.1f}"
-              f"{r['p99']:>9.1f}{r['max']:>9.1f}{r['lost']:>6}{r['cpu']['app'] * 100:>8.0f}%"
+        print(f"{label:<18}{round_no:>6}{r['streams']:>9}{r['deliveries_per_s']:>9.0f}{r['p50'] * 1000:>9.1f}"
+              f"{r['p99'] * 1000:>9.1f}{r['max'] * 1000:>9.1f}{r['lost']:>6}{r['cpu']['app'] * 100:>8.0f}%"
               f"{r['cpu']['load'] * 100:>8.0f}%")
     medians = {}
     for side in sides:
         mine = [r for label, _, r in rows if label == side.label]
-        medians[side.name] = {k: statistics.median(r[k] for r in mine) for k in ("p50", "p99")}
+        medians[side.name] = {k: statistics.median(r[k] for r in mine) * 1000 for k in ("p50", "p99")}
     this, base = medians["this"], medians["base"]
     for q in ("p50", "p99"):
         print(f"median {q}: this {this[q]:.1f} ms, base {base[q]:.1f} ms, this/base {this[q] / base[q]:.2f}")

@@ -50,16 +50,17 @@ SOCKET_FILE = "relay.sock"
 
 
 class Fanout:
-    """The leader's outlet: every message to its own feed, then to each follower."""
+    """The leader's outlet: every message to each follower, then to its own feed. Followers first: their
+    bytes leave at once (followers.py), so their fan-out runs beside the leader's own."""
 
     def __init__(self, feed: Feed, followers: Followers | None) -> None:
         self.feed = feed
         self.followers = followers
 
     def send(self, message: Message) -> None:
-        self.feed.send(message)
         if self.followers is not None:
             self.followers.send(encode(message))
+        self.feed.send(message)
 
 
 class Relay:

@@ -32,15 +32,32 @@ FOLLOWER_BYTES = 64 * 1024 * 1024
 _LENGTH = struct.Struct("!I")
 
 
+class _Link:
+    """One follower's connection: the frames it has not been sent yet, and whether its writer is sending."""
+
+    __slots__ = ("held", "queue", "sock", "writing")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: gevent.queue.Queue = gevent.queue.Queue()  # bounded by send(), which drops rather than waits
+        self.held = 0  # bytes in the queue
+        self.writing = False  # the writer took a frame and has not finished sending it
+
+
 class Followers:
-    """The leader's side of the socket at ``path``: ``send`` puts one message's bytes in every follower's queue."""
+    """The leader's side of the socket at ``path``: ``send`` hands one message's bytes to every follower.
+
+    A follower whose writer is idle gets them written at once, without a greenlet switch (one
+    non-blocking write, as the hub writes to an idle client): so followers start their own
+    fan-out while the leader does its own. What the socket does not take waits in its queue.
+    """
 
     def __init__(self, path: Path, hello: Callable[[], bytes | None], *, max_messages: int = FOLLOWER_QUEUE,
                  max_bytes: int = FOLLOWER_BYTES) -> None:
         self.path = path
         self.hello = hello  # the first message a new follower gets (where the leader is), if any yet
         self.max_messages, self.max_bytes = max_messages, max_bytes
-        self.queues: dict[gevent.queue.Queue, int] = {}  # each follower's queue, and the bytes in it
+        self.links: set[_Link] = set()
         self.dropped = 0  # followers dropped for falling behind
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -52,53 +69,67 @@ class Followers:
         self.server.start()
 
     def __len__(self) -> int:
-        return len(self.queues)
+        return len(self.links)
 
     def send(self, data: bytes) -> None:
         frame = _LENGTH.pack(len(data)) + data
-        for q in list(self.queues):
-            if self.queues[q] + len(frame) > self.max_bytes or q.qsize() >= self.max_messages:
-                self._drop(q)
+        for link in list(self.links):
+            if link.held + len(frame) > self.max_bytes or link.queue.qsize() >= self.max_messages:
+                self._drop(link)
                 continue
-            self.queues[q] += len(frame)
-            q.put_nowait(frame)
+            rest = frame
+            if not link.writing and link.queue.empty():
+                try:
+                    rest = frame[os.write(link.sock.fileno(), frame):]
+                except BlockingIOError:
+                    pass  # its socket is full: the writer sends it when it drains
+                except OSError:
+                    self._end(link)  # gone: its writer sees it too
+                    continue
+                if not rest:
+                    continue
+            link.held += len(rest)
+            link.queue.put_nowait(rest)
 
-    def _end(self, q: gevent.queue.Queue) -> None:
+    def _end(self, link: _Link) -> None:
         """Its writer closes the follower's connection once it takes this."""
-        self.queues.pop(q, None)
-        q.queue.clear()
-        q.put_nowait(None)
+        self.links.discard(link)
+        link.queue.queue.clear()
+        link.held = 0
+        link.queue.put_nowait(None)
 
-    def _drop(self, q: gevent.queue.Queue) -> None:
-        self._end(q)
+    def _drop(self, link: _Link) -> None:
+        self._end(link)
         self.dropped += 1
         log.warning("relay: a follower fell more than %d messages or %d MiB behind and was dropped; it "
                     "reconnects and reads what it missed from the record", self.max_messages, self.max_bytes >> 20)
 
     def _serve(self, sock: socket.socket, _address: Any) -> None:
-        q: gevent.queue.Queue = gevent.queue.Queue()  # bounded by send(), which drops rather than waits
+        link = _Link(sock)
         hello = self.hello()
-        self.queues[q] = 0
         if hello is not None:
-            q.put_nowait(_LENGTH.pack(len(hello)) + hello)
-            self.queues[q] = _LENGTH.size + len(hello)
+            frame = _LENGTH.pack(len(hello)) + hello
+            link.queue.put_nowait(frame)
+            link.held = len(frame)
+        self.links.add(link)
         try:
             while True:
-                frame = q.get()
+                frame = link.queue.get()
                 if frame is None:
                     return
+                link.writing = True
                 sock.sendall(frame)
-                if q in self.queues:
-                    self.queues[q] -= len(frame)
+                link.writing = False
+                link.held -= len(frame)
         except OSError:
             pass  # the follower went away
         finally:
-            self.queues.pop(q, None)
+            self.links.discard(link)
             sock.close()
 
     def close(self) -> None:
-        for q in list(self.queues):  # each writer closes its follower's connection: they elect at once
-            self._end(q)
+        for link in list(self.links):  # each writer closes its follower's connection: they elect at once
+            self._end(link)
         self.server.stop(timeout=0.5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
