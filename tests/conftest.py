@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -132,6 +132,14 @@ def running(config: dict[str, Any], folder: Any) -> Iterator[ServerProcess]:
     finally:
         srv.stop()
         assert "Traceback" not in srv.log(), srv.log()[-5000:]
+
+
+@pytest.fixture
+def start_server(tmp_path: Any) -> Iterator[Callable[[dict[str, Any]], ServerProcess]]:
+    """Servers of a test's own: ``start_server(server_config(database, ...))`` starts one (``running``);
+    each is stopped after the test, and a traceback in its log fails it."""
+    with contextlib.ExitStack() as stack:
+        yield lambda config: stack.enter_context(running(config, tmp_path))
 
 
 @pytest.fixture

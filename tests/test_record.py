@@ -337,9 +337,8 @@ def _sequence_lock_squatter(database: Any) -> Iterator[Any]:
 
 
 def test_a_role_that_may_not_write_cannot_stall_delivery_or_a_starting_worker(
-    server: Any, token: str, database: Any, tmp_path: Any, new_execution: Any, commit_control: Any
+    server: Any, token: str, database: Any, start_server: Any, new_execution: Any, commit_control: Any
 ) -> None:
-    from attune_sse.testing import ServerProcess
     from conftest import server_config
 
     failing_execution, next_execution = new_execution(), new_execution()
@@ -350,15 +349,12 @@ def test_a_role_that_may_not_write_cannot_stall_delivery_or_a_starting_worker(
         live.events_until(lambda e: e["event_id"] == next_id, timeout=3)  # past the failed commit's id
 
         began = time.monotonic()
-        fresh = ServerProcess(server_config(database), tmp_path).start(timeout=20)
-        try:
-            assert time.monotonic() - began < 15, "a starting worker did not wait for the squatter"
-            stream = Stream(fresh.base_url + STREAM, {"token": token})
-            _update(writer, next_execution, "completed")
-            writer.commit()
-            stream.events_until(lambda e: e["entity_id"] == next_execution and e["data"]["status"] == "completed")
-        finally:
-            fresh.stop()
+        fresh = start_server(server_config(database))
+        assert time.monotonic() - began < 15, "a starting worker did not wait for the squatter"
+        stream = Stream(fresh.base_url + STREAM, {"token": token})
+        _update(writer, next_execution, "completed")
+        writer.commit()
+        stream.events_until(lambda e: e["entity_id"] == next_execution and e["data"]["status"] == "completed")
 
 
 def test_a_flood_of_stale_doorbells_does_not_hold_back_an_event_after_a_failed_commit(

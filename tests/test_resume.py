@@ -158,46 +158,35 @@ def test_prune_then_resume_from_behind_the_window_gets_reset(
 
 
 def test_worker_killed_costs_only_a_reconnect(
-    database: Any, tmp_path: Any, token: str, new_execution: Any, set_status: Any
+    database: Any, start_server: Any, token: str, new_execution: Any, set_status: Any
 ) -> None:
-    from attune_sse.testing import ServerProcess
-
-    srv = ServerProcess(server_config(database), tmp_path).start()
-    try:
-        execution_id = new_execution()
-        url = srv.base_url + STREAM
-        stream = Stream(url, {"token": token, "execution_id": execution_id})
-        set_status(execution_id, "running")
-        last = stream.events_until(lambda e: e["data"]["status"] == "running")[-1]
-        os.kill(stream.worker, signal.SIGKILL)
-        assert stream.ended(10), "the killed worker's stream ended"
-        set_status(execution_id, "completed")  # while the client is away
-        srv.wait_ready()
-        again = Stream(url, {"token": token, "execution_id": execution_id}, headers={"Last-Event-ID": last.id})
-        events = again.events_until(lambda e: e["data"]["status"] == "completed")
-        assert [e.json["data"]["status"] for e in events] == ["completed"]
-        again.close()
-    finally:
-        srv.stop()
-    wait_until(lambda: srv.process.poll() is not None, 10, "the extra server to stop")
+    srv = start_server(server_config(database))
+    execution_id = new_execution()
+    url = srv.base_url + STREAM
+    stream = Stream(url, {"token": token, "execution_id": execution_id})
+    set_status(execution_id, "running")
+    last = stream.events_until(lambda e: e["data"]["status"] == "running")[-1]
+    os.kill(stream.worker, signal.SIGKILL)
+    assert stream.ended(10), "the killed worker's stream ended"
+    set_status(execution_id, "completed")  # while the client is away
+    srv.wait_ready()
+    again = Stream(url, {"token": token, "execution_id": execution_id}, headers={"Last-Event-ID": last.id})
+    events = again.events_until(lambda e: e["data"]["status"] == "completed")
+    assert [e.json["data"]["status"] for e in events] == ["completed"]
+    again.close()
 
 
-def test_workers_prune_on_schedule(database: Any, tmp_path: Any, new_execution: Any, set_status: Any) -> None:
-    from attune_sse.testing import ServerProcess
-
+def test_workers_prune_on_schedule(database: Any, start_server: Any, new_execution: Any, set_status: Any) -> None:
     execution_id = new_execution()
     for status in ("scheduling", "scheduled", "running"):
         set_status(execution_id, status)
     ((newest,),) = database.query("SELECT max(id) FROM attune.execution_event")
     config = server_config(database, events={"retention_count": 1, "prune_interval_seconds": 0.5})
-    srv = ServerProcess(config, tmp_path).start()
-    try:
-        wait_until(lambda: database.query("SELECT pruned_to FROM attune.execution_event_horizon")[0][0]
-                   >= newest - 1, 10, "a worker to prune the record")
-        assert database.query("SELECT count(*) FROM attune.execution_event WHERE id < %s", (newest,))[0][0] == 0
-        assert "pruned" in srv.log()
-    finally:
-        srv.stop()
+    srv = start_server(config)
+    wait_until(lambda: database.query("SELECT pruned_to FROM attune.execution_event_horizon")[0][0]
+               >= newest - 1, 10, "a worker to prune the record")
+    assert database.query("SELECT count(*) FROM attune.execution_event WHERE id < %s", (newest,))[0][0] == 0
+    assert "pruned" in srv.log()
 
 
 def test_a_new_stream_is_told_its_position_so_a_reconnect_before_any_event_misses_nothing(
@@ -278,39 +267,34 @@ MiB = 1024 * 1024
 
 
 def test_a_resume_over_large_results_holds_about_a_page_and_gives_the_memory_back(
-    database: Any, tmp_path: Any, token: str, new_execution: Any, db: Any
+    database: Any, start_server: Any, token: str, new_execution: Any, db: Any
 ) -> None:
     """20 events with 4 MB results: one resuming client grows its worker by at most 64 MiB, four at
     once by at most 128 MiB, and the worker's memory comes back down after."""
-    from attune_sse.testing import ServerProcess
+    srv = start_server(server_config(database, server={"workers": 1}))
+    execution_id = new_execution()
+    ((start,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    with db.cursor() as cur:
+        for n in range(20):
+            cur.execute("UPDATE attune.execution SET result = jsonb_build_object('n', %s::int, 'blob', %s) "
+                        "WHERE id = %s", (n, f"{n:02d}" * (2 * MiB), execution_id))
+    ((last,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    ready = wait_until(lambda: (r := requests.get(srv.base_url + "/readyz", timeout=5).json()["data"])
+                       ["feed"]["position"] >= last and r, 30, "the listener to publish the 20 events")
+    worker = ready["pid"]
+    url, params = srv.base_url + STREAM, {"token": token, "execution_id": execution_id, "last_event_id": start}
+    baseline = _rss(worker)
 
-    srv = ServerProcess(server_config(database, server={"workers": 1}), tmp_path).start()
-    try:
-        execution_id = new_execution()
-        ((start,),) = database.query("SELECT max(id) FROM attune.execution_event")
-        with db.cursor() as cur:
-            for n in range(20):
-                cur.execute("UPDATE attune.execution SET result = jsonb_build_object('n', %s::int, 'blob', %s) "
-                            "WHERE id = %s", (n, f"{n:02d}" * (2 * MiB), execution_id))
-        ((last,),) = database.query("SELECT max(id) FROM attune.execution_event")
-        ready = wait_until(lambda: (r := requests.get(srv.base_url + "/readyz", timeout=5).json()["data"])
-                           ["feed"]["position"] >= last and r, 30, "the listener to publish the 20 events")
-        worker = ready["pid"]
-        url, params = srv.base_url + STREAM, {"token": token, "execution_id": execution_id, "last_event_id": start}
-        baseline = _rss(worker)
-
-        with _PeakRss(worker) as one:
-            assert _resume_and_count(url, params, 20) > 20 * 4 * MiB
-        with _PeakRss(worker) as four, ThreadPoolExecutor(4) as pool:
-            sizes = list(pool.map(lambda _: _resume_and_count(url, params, 20), range(4)))
-        assert all(size > 20 * 4 * MiB for size in sizes)
-        print(f"worker RSS: baseline {baseline / MiB:.0f} MiB, one client +{(one.peak - baseline) / MiB:.0f} MiB, "
-              f"four clients +{(four.peak - baseline) / MiB:.0f} MiB")
-        assert one.peak - baseline <= 64 * MiB
-        assert four.peak - baseline <= 128 * MiB
-        wait_until(lambda: _rss(worker) <= baseline + 16 * MiB, 10, "the worker to give the memory back")
-    finally:
-        srv.stop()
+    with _PeakRss(worker) as one:
+        assert _resume_and_count(url, params, 20) > 20 * 4 * MiB
+    with _PeakRss(worker) as four, ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: _resume_and_count(url, params, 20), range(4)))
+    assert all(size > 20 * 4 * MiB for size in sizes)
+    print(f"worker RSS: baseline {baseline / MiB:.0f} MiB, one client +{(one.peak - baseline) / MiB:.0f} MiB, "
+          f"four clients +{(four.peak - baseline) / MiB:.0f} MiB")
+    assert one.peak - baseline <= 64 * MiB
+    assert four.peak - baseline <= 128 * MiB
+    wait_until(lambda: _rss(worker) <= baseline + 16 * MiB, 10, "the worker to give the memory back")
 
 
 def test_a_resume_from_an_id_never_issued_gets_a_reset_then_live_events(
@@ -327,31 +311,26 @@ def test_a_resume_from_an_id_never_issued_gets_a_reset_then_live_events(
 
 
 def test_a_database_that_went_back_in_time_resets_the_streams_and_delivery_goes_on(
-    database: Any, tmp_path: Any, token: str, new_execution: Any, set_status: Any
+    database: Any, start_server: Any, token: str, new_execution: Any, set_status: Any
 ) -> None:
     """As after a restore from a backup, or a failover to a replica that was behind: the listeners
     reconnect to a record whose newest event is below what they published."""
-    from attune_sse.testing import ServerProcess
-
-    srv = ServerProcess(server_config(database), tmp_path).start()
-    try:
-        url = srv.base_url + STREAM
-        streams = [Stream(url, {"token": token}) for _ in range(4)]
-        execution_id = new_execution()
-        ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
-        for status in ("scheduling", "scheduled"):
-            set_status(execution_id, status)
-        for stream in streams:
-            stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
-        # The "restore": the events after `before` are gone and the sequence is back where it was;
-        # a first new event takes an id the old history had used, before the listeners reconnect.
-        old = database.listener_pids()
-        go_back_in_time(database, before)
-        set_status(execution_id, "running")
-        database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
-        wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
-        set_status(execution_id, "completed")
-        assert_reset_then_new_history(streams, execution_id, before)
-        assert "it was restored or failed over; telling clients to reload" in srv.log()
-    finally:
-        srv.stop()
+    srv = start_server(server_config(database))
+    url = srv.base_url + STREAM
+    streams = [Stream(url, {"token": token}) for _ in range(4)]
+    execution_id = new_execution()
+    ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    for status in ("scheduling", "scheduled"):
+        set_status(execution_id, status)
+    for stream in streams:
+        stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
+    # The "restore": the events after `before` are gone and the sequence is back where it was;
+    # a first new event takes an id the old history had used, before the listeners reconnect.
+    old = database.listener_pids()
+    go_back_in_time(database, before)
+    set_status(execution_id, "running")
+    database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
+    wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
+    set_status(execution_id, "completed")
+    assert_reset_then_new_history(streams, execution_id, before)
+    assert "it was restored or failed over; telling clients to reload" in srv.log()

@@ -13,7 +13,6 @@ from typing import Any
 
 import requests
 
-from attune_sse.testing import ServerProcess
 from conftest import server_config
 from helpers import RawStream, Stream, wait_until
 
@@ -69,82 +68,76 @@ def test_metrics_are_in_the_prometheus_text_format(
 
 
 def test_a_client_that_never_reads_is_dropped_and_the_others_get_everything(
-    database: Any, tmp_path: Any, token: str, db: Any, new_execution: Any, set_status: Any
+    database: Any, start_server: Any, token: str, db: Any, new_execution: Any, set_status: Any
 ) -> None:
     # One worker, so the stalled client shares it with the 100 readers; a small queue
     # and send buffer, so it stalls after a few dozen events instead of thousands.
     config = server_config(database, server={
         "workers": 1, "sse_queue_size": 20, "sse_send_buffer_bytes": 16384, "sse_keepalive_seconds": 30,
     })
-    srv = ServerProcess(config, tmp_path).start()
-    try:
-        execution_id = new_execution()
-        inserted = event_ids_of(db, execution_id)[-1]  # before the streams: it may or may not reach them
-        url = srv.base_url + "/api/v1/executions/stream"
-        params = {"token": token, "execution_id": execution_id}
-        stalled = RawStream(srv.base_url, params, receive_buffer=4096)
-        readers = [Stream(url, params) for _ in range(100)]
-        wait_until(lambda: metric(srv.base_url, "attune_sse_open_streams") == 101, 10, "101 open streams")
+    srv = start_server(config)
+    execution_id = new_execution()
+    inserted = event_ids_of(db, execution_id)[-1]  # before the streams: it may or may not reach them
+    url = srv.base_url + "/api/v1/executions/stream"
+    params = {"token": token, "execution_id": execution_id}
+    stalled = RawStream(srv.base_url, params, receive_buffer=4096)
+    readers = [Stream(url, params) for _ in range(100)]
+    wait_until(lambda: metric(srv.base_url, "attune_sse_open_streams") == 101, 10, "101 open streams")
 
-        statuses = ["running", "scheduled"]
-        updates = 0
-        while metric(srv.base_url, "attune_sse_queue_drops_total") < 1:
-            assert updates < 3000, "the client that never reads was never dropped"
-            for _ in range(20):
-                set_status(execution_id, statuses[updates % 2])
-                updates += 1
-            time.sleep(0.05)
-        set_status(execution_id, "completed")
-        expected = [i for i in event_ids_of(db, execution_id) if i > inserted]
+    statuses = ["running", "scheduled"]
+    updates = 0
+    while metric(srv.base_url, "attune_sse_queue_drops_total") < 1:
+        assert updates < 3000, "the client that never reads was never dropped"
+        for _ in range(20):
+            set_status(execution_id, statuses[updates % 2])
+            updates += 1
+        time.sleep(0.05)
+    set_status(execution_id, "completed")
+    expected = [i for i in event_ids_of(db, execution_id) if i > inserted]
 
-        # Every reader got every event, in order, the stalled one notwithstanding.
-        for reader in readers:
-            assert ids_until(reader, expected[-1], after=inserted) == expected
-        # The stalled client left the hub (its queue is freed) and its connection was dropped.
-        wait_until(lambda: metric(srv.base_url, "attune_sse_open_streams") == 100, 10, "the stalled stream to go")
-        assert stalled.read_until_closed(10), "the server closed the stalled connection"
-        got = [i for i in stalled.event_ids() if i > inserted]
-        assert got == expected[: len(got)] and len(got) < len(expected)
-        # It resumes from the last event it read and misses nothing.
-        resume_from = got[-1] if got else inserted
-        resumed = Stream(url, params, headers={"Last-Event-ID": str(resume_from)})
-        assert got + ids_until(resumed, expected[-1], after=resume_from) == expected
-        assert "disconnecting a slow SSE client" in srv.log()
-    finally:
-        srv.stop()
+    # Every reader got every event, in order, the stalled one notwithstanding.
+    for reader in readers:
+        assert ids_until(reader, expected[-1], after=inserted) == expected
+    # The stalled client left the hub (its queue is freed) and its connection was dropped.
+    wait_until(lambda: metric(srv.base_url, "attune_sse_open_streams") == 100, 10, "the stalled stream to go")
+    assert stalled.read_until_closed(10), "the server closed the stalled connection"
+    got = [i for i in stalled.event_ids() if i > inserted]
+    assert got == expected[: len(got)] and len(got) < len(expected)
+    # It resumes from the last event it read and misses nothing.
+    resume_from = got[-1] if got else inserted
+    resumed = Stream(url, params, headers={"Last-Event-ID": str(resume_from)})
+    assert got + ids_until(resumed, expected[-1], after=resume_from) == expected
+    assert "disconnecting a slow SSE client" in srv.log()
 
 
 def test_two_instances_on_one_database_each_deliver_every_event(
-    server: Any, database: Any, tmp_path: Any, token: str, db: Any, new_execution: Any, set_status: Any
+    server: Any, database: Any, start_server: Any, token: str, db: Any, new_execution: Any, set_status: Any
 ) -> None:
     """Scale-out: PostgreSQL is the bus; a second gunicorn instance needs nothing else."""
-    second = ServerProcess(server_config(database), tmp_path).start()
-    try:
-        assert second.port != server.port
-        # Two instances of two workers: one LISTEN each, whatever the number of workers.
-        wait_until(lambda: len(database.listener_pids()) == 2, 10, "one LISTEN per instance")
-        execution_id = new_execution()
-        inserted = event_ids_of(db, execution_id)[-1]
-        params = {"token": token, "execution_id": execution_id}
-        streams = [Stream(base + "/api/v1/executions/stream", params)
-                   for base in (server.base_url, second.base_url) for _ in range(4)]
-        for status in ("scheduled", "running", "completed"):
-            set_status(execution_id, status)
-        expected = [i for i in event_ids_of(db, execution_id) if i > inserted]
-        assert len(expected) == 3
-        for stream in streams:
-            assert ids_until(stream, expected[-1], after=inserted) == expected
-    finally:
-        second.stop()
+    second = start_server(server_config(database))
+    assert second.port != server.port
+    # Two instances of two workers: one LISTEN each, whatever the number of workers.
+    wait_until(lambda: len(database.listener_pids()) == 2, 10, "one LISTEN per instance")
+    execution_id = new_execution()
+    inserted = event_ids_of(db, execution_id)[-1]
+    params = {"token": token, "execution_id": execution_id}
+    streams = [Stream(base + "/api/v1/executions/stream", params)
+               for base in (server.base_url, second.base_url) for _ in range(4)]
+    for status in ("scheduled", "running", "completed"):
+        set_status(execution_id, status)
+    expected = [i for i in event_ids_of(db, execution_id) if i > inserted]
+    assert len(expected) == 3
+    for stream in streams:
+        assert ids_until(stream, expected[-1], after=inserted) == expected
 
 
 def test_sigterm_ends_every_stream_cleanly_and_the_workers_exit(
-    database: Any, tmp_path: Any, token: str
+    database: Any, start_server: Any, token: str
 ) -> None:
     config = server_config(database, server={
         "sse_keepalive_seconds": 30, "sse_retry_ms": 1000, "sse_reconnect_spread_ms": 4000,
     })
-    srv = ServerProcess(config, tmp_path).start()
+    srv = start_server(config)
     streams = []
     try:
         streams = [RawStream(srv.base_url, {"token": token}) for _ in range(200)]
@@ -168,5 +161,4 @@ def test_sigterm_ends_every_stream_cleanly_and_the_workers_exit(
     finally:
         for stream in streams:
             stream.close()
-        srv.stop()
 
