@@ -30,9 +30,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from attune_sse.core.grants import ALL_GRANTS
 from attune_sse.storage.embedded import EmbeddedPostgres, free_port
 from attune_sse.storage.migrate import apply_migrations
-from bench import scale
+from bench import harness, scale
 
 THIS = Path(__file__).resolve().parent.parent
 
@@ -48,8 +49,8 @@ class Side:
         config = {"database": {"url": database_url, "pool_size": 5},
                   "server": {"host": "127.0.0.1", "port": self.port, "workers": 2, "worker_connections": 12000,
                              "sse_keepalive_seconds": 15, "max_streams_per_identity": 20000},
-                  "security": {"jwt_secret": scale.SECRET, "allow_registration": True,
-                               "default_grants": scale.ALL_GRANTS},
+                  "security": {"jwt_secret": harness.SECRET, "allow_registration": True,
+                               "default_grants": ALL_GRANTS},
                   "log": {"level": "warn"}}
         self.config_path = work / f"{name}.json"
         self.config_path.write_text(json.dumps(config))
@@ -82,9 +83,7 @@ class Side:
                 raise RuntimeError(f"{self.name} did not start; see {self.log_path}")
             time.sleep(0.2)
         if not self.token:
-            response = requests.post(f"http://127.0.0.1:{self.port}/auth/register",
-                                     json={"login": f"ab-{self.name}", "password": "benchmark-pw"}, timeout=10)
-            self.token = response.json()["data"]["access_token"]
+            self.token = harness.register(f"http://127.0.0.1:{self.port}", f"ab-{self.name}")
 
     @property
     def stream_url(self) -> str:

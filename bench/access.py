@@ -40,12 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scale import SECRET, WARMUP_SECONDS, LoadClients, Updater, log, seed, tree, window  # noqa: E402
-
-from attune_sse.runtime.access import ALL_GRANTS  # noqa: E402
-from attune_sse.storage.embedded import EmbeddedPostgres  # noqa: E402
-from attune_sse.storage.migrate import apply_migrations  # noqa: E402
-from attune_sse.testing import ServerProcess  # noqa: E402
+import harness  # noqa: E402
+from scale import WARMUP_SECONDS, LoadClients, Updater, log, seed, tree, window  # noqa: E402
 
 IDENTITIES = 20
 
@@ -101,59 +97,53 @@ def main() -> None:
         args.streams, args.seconds, args.rounds = 300, 5, 2
 
     work = Path(tempfile.mkdtemp(prefix="attune-access-"))
-    embedded = server = None
     try:
-        database_url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-        if not database_url:
-            embedded = EmbeddedPostgres(work / "pgdata", settings={"fsync": "off"})
-            embedded.start()
-            embedded.create_database("attune_bench")
-            database_url = embedded.url("attune_bench")
-        apply_migrations(database_url)
-        execution_ids = seed(database_url)
-        server = ServerProcess({
-            "database": {"url": database_url, "pool_size": 5},
-            "server": {"workers": 2, "worker_connections": 12000, "max_streams_per_identity": args.streams},
-            "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
-            "log": {"level": "warn"},
-        }, work).start()
-        stream_url = server.base_url + "/api/v1/executions/stream?token="
-        tag = os.getpid()
-        open_urls = [stream_url + register(server.base_url, f"open-{tag}")["access_token"]]
-        constrained_urls = []
-        for n in range(IDENTITIES):
-            data = register(server.base_url, f"team{n}-{tag}")
-            constrain(database_url, data["user"]["id"], n)
-            constrained_urls.append(stream_url + data["access_token"])
-        time.sleep(1)  # every worker has seen the assignments (security.access_refresh_seconds)
-
-        updater = Updater(database_url, execution_ids)
-        clients = LoadClients(args.clients)
-        rows: dict[str, list[dict[str, Any]]] = {"open": [], "constrained": []}
-        try:
-            for round_no in range(1, args.rounds + 1):
-                for kind, urls in (("open", open_urls), ("constrained", constrained_urls)):
-                    live = subscribe(clients, updater, urls, args.streams)
-                    cpu = {"app": tree(server.process.pid), "load": [p.pid for p in clients.procs]}
-                    window(clients, updater, args.rate, WARMUP_SECONDS, work, live)
-                    result = window(clients, updater, args.rate, args.seconds, work, live, cpu)
-                    result["streams"] = live
-                    rows[kind].append(result)
-                    log(f"round {round_no}: {kind:<11} {live} streams, p50 {result['p50'] * 1000:.1f} ms, "
-                        f"p99 {result['p99'] * 1000:.1f} ms, lost {result['lost']}, CPU app "
-                        f"{result['cpu']['app'] * 100:.0f}% load {result['cpu']['load'] * 100:.0f}%")
-                    clients.close()
-                    time.sleep(1)
-        finally:
-            clients.quit()
-            updater.close()
+        with harness.database(work, {"fsync": "off"}) as (database_url, _):
+            execution_ids = seed(database_url)
+            server = harness.attune(database_url, work, server={"max_streams_per_identity": args.streams})
+            try:
+                rows = measure(server, database_url, execution_ids, args, work)
+            finally:
+                server.stop()
         report(rows, args)
     finally:
-        if server is not None:
-            server.stop()
-        if embedded is not None:
-            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(server: Any, database_url: str, execution_ids: list[int], args: argparse.Namespace,
+            work: Path) -> dict[str, list[dict[str, Any]]]:
+    """Rounds of the open and the constrained streams, alternating."""
+    stream_url = server.base_url + "/api/v1/executions/stream?token="
+    tag = os.getpid()
+    open_urls = [stream_url + harness.register(server.base_url, f"open-{tag}")]
+    constrained_urls = []
+    for n in range(IDENTITIES):
+        data = register(server.base_url, f"team{n}-{tag}")
+        constrain(database_url, data["user"]["id"], n)
+        constrained_urls.append(stream_url + data["access_token"])
+    time.sleep(1)  # every worker has seen the assignments (security.access_refresh_seconds)
+
+    updater = Updater(database_url, execution_ids)
+    clients = LoadClients(args.clients)
+    rows: dict[str, list[dict[str, Any]]] = {"open": [], "constrained": []}
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for kind, urls in (("open", open_urls), ("constrained", constrained_urls)):
+                live = subscribe(clients, updater, urls, args.streams)
+                cpu = {"app": tree(server.process.pid), "load": [p.pid for p in clients.procs]}
+                window(clients, updater, args.rate, WARMUP_SECONDS, work, live)
+                result = window(clients, updater, args.rate, args.seconds, work, live, cpu)
+                result["streams"] = live
+                rows[kind].append(result)
+                log(f"round {round_no}: {kind:<11} {live} streams, p50 {result['p50'] * 1000:.1f} ms, "
+                    f"p99 {result['p99'] * 1000:.1f} ms, lost {result['lost']}, CPU app "
+                    f"{result['cpu']['app'] * 100:.0f}% load {result['cpu']['load'] * 100:.0f}%")
+                clients.close()
+                time.sleep(1)
+    finally:
+        clients.quit()
+        updater.close()
+    return rows
 
 
 def report(rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:

@@ -27,9 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attune_sse.storage.embedded import EmbeddedPostgres  # noqa: E402
-from attune_sse.storage.migrate import apply_migrations  # noqa: E402
-from attune_sse.testing import ServerProcess  # noqa: E402
+from bench import harness  # noqa: E402
 
 
 def cpu(process: psutil.Process) -> float:
@@ -38,9 +36,8 @@ def cpu(process: psutil.Process) -> float:
 
 
 def measure(url: str, mode: str, execution_id: int, args: argparse.Namespace, work: Path) -> list[tuple]:
-    config = {"environment": "test", "database": {"url": url, "pool_size": 2, "backlog_pool_size": 1},
-              "security": {"jwt_secret": "b" * 40}, "log": {"level": "warn"}, "events": {"listen_per": mode}}
-    server = ServerProcess(config, work).start()
+    server = harness.attune(url, work, database={"pool_size": 2, "backlog_pool_size": 1},
+                            events={"listen_per": mode})
     try:
         time.sleep(1.0)
         leader = requests.get(server.base_url + "/readyz", timeout=5).json()["data"]["relay"]["leader_pid"]
@@ -80,12 +77,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="instances measured per mode, alternating")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="attune-instance-cost-"))
-    embedded = EmbeddedPostgres(work / "pgdata")
-    embedded.start()
-    try:
-        embedded.create_database("attune_bench")
-        url = embedded.url("attune_bench")
-        apply_migrations(url)
+    with harness.database(work) as (url, _):
         conn = psycopg2.connect(url)
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -106,8 +98,6 @@ def main() -> None:
         for mode in ("worker", "instance"):
             per_instance = sum(r[4] for r in rows if r[0] == mode) / args.rounds
             print(f"{mode}: {per_instance:.0f} µs of CPU per event per instance (both workers)")
-    finally:
-        embedded.destroy()
 
 
 if __name__ == "__main__":

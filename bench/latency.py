@@ -37,12 +37,8 @@ import sseclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from attune_sse.core.grants import ALL_GRANTS
-from attune_sse.storage.embedded import EmbeddedPostgres
-from attune_sse.storage.migrate import apply_migrations
 from attune_sse.testing import ServerProcess
-
-SECRET = "benchmark-secret-benchmark-secret-0123456789"
+from bench import harness
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -220,30 +216,14 @@ def compare_open_transaction(database_url: str, cur: Any, execution_ids: list[in
 
 @contextmanager
 def start_stack(workers: int) -> Iterator[tuple[ServerProcess, str, str]]:
-    """An embedded PostgreSQL (or ATTUNE_BENCH_DATABASE_URL) and the service; yields (server, db url, token)."""
+    """The benchmark's database and the service on it (bench/harness.py); yields (server, db url, token)."""
     work = Path(tempfile.mkdtemp(prefix="attune-bench-"))
-    embedded = None
-    database_url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-    if not database_url:
-        embedded = EmbeddedPostgres(work / "pgdata").start()
-        embedded.create_database("attune_bench")
-        database_url = embedded.url("attune_bench")
-    apply_migrations(database_url)
-    server = ServerProcess({
-        "database": {"url": database_url},
-        "server": {"workers": workers},
-        "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
-        "log": {"level": "warn"},
-    }, work).start()
-    try:
-        registered = requests.post(server.base_url + "/auth/register",
-                                   json={"login": f"bench-{os.getpid()}", "password": "benchmark-pw"}, timeout=10)
-        yield server, database_url, registered.json()["data"]["access_token"]
-    finally:
-        server.stop()
-        if embedded is not None:
-            embedded.destroy()
-
+    with harness.database(work) as (database_url, _):
+        server = harness.attune(database_url, work, server={"workers": workers})
+        try:
+            yield server, database_url, harness.register(server.base_url)
+        finally:
+            server.stop()
 
 if __name__ == "__main__":
     main()

@@ -47,13 +47,10 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attune_sse.core.grants import ALL_GRANTS  # noqa: E402
 from attune_sse.serve.launch import Gunicorn  # noqa: E402
-from attune_sse.storage.embedded import EmbeddedPostgres, free_port  # noqa: E402
-from attune_sse.storage.migrate import apply_migrations  # noqa: E402
-from attune_sse.testing import ServerProcess  # noqa: E402
+from attune_sse.storage.embedded import free_port  # noqa: E402
+from bench import harness  # noqa: E402
 
-SECRET = "benchmark-secret-benchmark-secret-0123456789"
 P99_LIMIT = 0.100  # saturation: the highest rate whose p99 stays under this, with nothing lost
 EXECUTIONS = 200  # updates go round-robin over this many executions
 WARMUP_SECONDS = 3
@@ -252,18 +249,9 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def start_attune(database_url: str, work: Path, token_holder: dict) -> System:
-    server = ServerProcess({
-        "database": {"url": database_url, "pool_size": 5},
-        # One identity opens every stream here: its cap (server.max_streams_per_identity) lifted.
-        "server": {"workers": 2, "worker_connections": 12000, "sse_keepalive_seconds": 15,
-                   "max_streams_per_identity": 20000},
-        "security": {"jwt_secret": SECRET, "allow_registration": True, "default_grants": ALL_GRANTS},
-        "log": {"level": "warn"},
-    }, work).start()
+    server = harness.attune(database_url, work, server={"sse_keepalive_seconds": 15})
     if "token" not in token_holder:
-        response = requests.post(server.base_url + "/auth/register",
-                                 json={"login": f"bench-{os.getpid()}", "password": "benchmark-pw"}, timeout=10)
-        token_holder["token"] = response.json()["data"]["access_token"]
+        token_holder["token"] = harness.register(server.base_url)
 
     def sigterm() -> float:
         """SIGTERM the master; seconds until it and every worker have exited."""
@@ -560,46 +548,38 @@ def main() -> None:
         args.max_rate = min(args.max_rate, 800)
 
     work = Path(tempfile.mkdtemp(prefix="attune-scale-"))
-    embedded = redis = None
+    redis = None
     results = []
     try:
-        database_url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-        if not database_url:
-            # Room for the naive design's one connection per stream, up to 1,200.
-            embedded = EmbeddedPostgres(work / "pgdata", settings={"fsync": "off", "max_connections": "1300"})
-            embedded.start()
-            embedded.create_database("attune_bench")
-            database_url = embedded.url("attune_bench")
-        apply_migrations(database_url)
-        execution_ids = seed(database_url)
-        systems = args.systems.split(",")
+        # Room for the naive design's one connection per stream, up to 1,200.
+        with harness.database(work, {"fsync": "off", "max_connections": "1300"}) as (database_url, embedded):
+            execution_ids = seed(database_url)
+            systems = args.systems.split(",")
 
-        def postgres_pids() -> list[int]:
-            if embedded is None:
-                return []
-            return tree(int((embedded.data_dir / "postmaster.pid").read_text().split()[0]))
+            def postgres_pids() -> list[int]:
+                if embedded is None:
+                    return []
+                return tree(int((embedded.data_dir / "postmaster.pid").read_text().split()[0]))
 
-        token: dict[str, str] = {}
-        starters: dict[str, Callable[[], System]] = {
-            "attune": lambda: start_attune(database_url, work, token),
-            "naive": lambda: start_naive(database_url, work, postgres_pids),
-        }
-        if "flask-sse" in systems:
-            redis_port = free_port()
-            redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--maxclients", "15000"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_port(redis_port)
-            starters["flask-sse"] = lambda: start_flask_sse(database_url, f"redis://127.0.0.1:{redis_port}/0",
-                                                            redis.pid, work)
-        for name in systems:
-            results.append(run_system(starters[name], args, database_url, execution_ids, work, postgres_pids))
+            token: dict[str, str] = {}
+            starters: dict[str, Callable[[], System]] = {
+                "attune": lambda: start_attune(database_url, work, token),
+                "naive": lambda: start_naive(database_url, work, postgres_pids),
+            }
+            if "flask-sse" in systems:
+                redis_port = free_port()
+                redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                          "--save", "", "--appendonly", "no", "--maxclients", "15000"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wait_port(redis_port)
+                starters["flask-sse"] = lambda: start_flask_sse(database_url, f"redis://127.0.0.1:{redis_port}/0",
+                                                                redis.pid, work)
+            for name in systems:
+                results.append(run_system(starters[name], args, database_url, execution_ids, work, postgres_pids))
         report(results, args)
     finally:
         if redis is not None:
             stop_process(redis)
-        if embedded is not None:
-            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
 
 
