@@ -8,7 +8,7 @@ from typing import Any
 import psycopg2.extensions
 import pytest
 
-from attune_sse.core.event import ExecutionEvent, ResetReason, reset_frame
+from attune_sse.core.event import ExecutionEvent, ResetReason, UnknownEvent, reset_frame
 from attune_sse.core.hub import Hub
 from attune_sse.runtime.feed import Feed
 from attune_sse.runtime.message import Message, decode, encode
@@ -112,3 +112,40 @@ def test_messages_keep_every_byte_of_their_events() -> None:
     assert back == message
     with pytest.raises(ValueError):
         decode(encode(message) + b"extra")
+
+
+def test_a_new_leader_that_knows_no_history_does_not_reset_the_workers(pool: Pool, database: Any) -> None:
+    """A worker that leads before any message reached it emits epoch 0: the other workers keep their
+    history (a reset there would replay the whole record to every client)."""
+    ((newest,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+    hub = Hub()
+    sub = hub.subscribe()
+    feed = Feed(hub, pool)
+    feed.send(Message(after=newest, to=newest, reset=ResetReason.REWOUND, epoch=7, base=newest))
+    feed.send(Message(after=newest, to=newest, epoch=0, base=0))
+    assert drain(sub) == [] and feed.resets == 0 and feed.epoch == 7 and feed.position == newest
+
+
+def test_a_resume_from_ids_passed_after_the_newest_event_is_not_unknown(pool: Pool, database: Any) -> None:
+    """The ids of failed commits after the newest event are passed, and a keep-alive may give a client
+    one of them as its position: resuming from it reads nothing and resets nothing."""
+    ((newest,),) = database.query("SELECT coalesce(max(id), 0) FROM attune.execution_event")
+    assert list(record.read_backlog(pool, None, newest + 3, newest + 3)) == [([], newest + 3)]
+    with pytest.raises(UnknownEvent):
+        list(record.read_backlog(pool, None, newest + 4, newest + 3))
+
+
+@pytest.mark.parametrize("header", [
+    b"[]", b'{"after": "1"}', b'{"after": 1, "to": 1, "epoch": 0, "base": 0, "events": 5}',
+    b'{"after": 1, "to": 1, "epoch": 0, "base": 0, "events": [[1, 1, 0, "", "x"]]}',
+    b'{"after": -1, "to": 1, "epoch": 0, "base": 0, "events": [], "reset": 0, "ok": true, "at": 0, "source": ""}',
+])
+def test_bytes_that_are_not_a_message_are_refused_as_such(header: bytes) -> None:
+    """Entries of a Redis stream are anyone's: decode refuses what is not a message with ValueError
+    (the reader skips it), never another error that would stall the stream."""
+    with pytest.raises(ValueError):
+        decode(header + b"\n")
+    frame = b"event: reset\ndata: [1]\n\n"  # a reset whose data is not an object
+    reset = b'{"after":1,"to":1,"epoch":0,"base":0,"events":[],"reset":%d,"ok":true,"at":0,"source":""}\n'
+    with pytest.raises(ValueError):
+        decode(reset % len(frame) + frame)

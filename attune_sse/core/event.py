@@ -91,7 +91,10 @@ class ResetReason(str, enum.Enum):
         data_at = frame.find(b"\ndata: ")
         if not frame.startswith(b"event: reset\n") or data_at < 0:
             raise ValueError("not a reset frame")
-        return cls(json.loads(frame[data_at + 7:].split(b"\n", 1)[0])["reason"])
+        doc = json.loads(frame[data_at + 7:].split(b"\n", 1)[0])
+        if not isinstance(doc, dict):
+            raise ValueError("not a reset frame")
+        return cls(doc.get("reason"))
 
 
 def reset_frame(reason: ResetReason, position: int) -> bytes:

@@ -78,6 +78,7 @@ def readyz() -> Any:
         "pid": os.getpid(),
         "feed": feed.stats(),
         "relay": relay.stats(),
+        "source": relay.source.stats() if relay.source is not None else None,
         "listener_backend_pid": listener_stats.pop("backend_pid") if listener_stats else None,
         "listener": listener_stats,
         "access": app_state.access.stats(),

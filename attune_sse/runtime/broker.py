@@ -105,12 +105,12 @@ class BrokerSource:
         """While the stream is silent, followers still hear from their leader (events do not flow)."""
         feed = self.feed
         if feed.position is not None and time.monotonic() - feed.last_message >= SILENCE_LIMIT:
-            self.outlet.send(Message(after=feed.position, to=feed.position, ok=False, epoch=feed.epoch or 0,
-                                     base=feed.base))
+            self.outlet.send(feed.heartbeat(ok=False))
 
     def stats(self) -> dict[str, Any]:
-        return {"entries": self.entries, "skipped": self.skipped, "errors": self.errors, "restarts": self.restarts,
-                "publishing": self.publisher.leading, "appended": self.publisher.appended}
+        return {"kind": "redis", "entries": self.entries, "skipped": self.skipped, "errors": self.errors,
+                "restarts": self.restarts, "publishing": self.publisher.leading,
+                "appended": self.publisher.appended, "refused": self.publisher.refused}
 
     def _read(self) -> None:
         feed = self.feed
@@ -298,12 +298,16 @@ class Publisher:
             except self._refused as exc:
                 if "equal or smaller" in str(exc):
                     self.refused += 1
-                    if self._settle_refusal(message):
-                        return
-                    continue  # the stream was started over: write again
-                # READONLY, NOREPLICAS, MISCONF, OOM...: Redis cannot take writes now; wait as for a lost
-                # connection (the listener holds its position; the events wait in the record).
-                problem = f"Redis refuses writes ({exc})"
+                    try:
+                        if self._settle_refusal(message):
+                            return
+                        continue  # the stream was started over: write again
+                    except self._errors as lost:  # lost Redis while looking at the stream: wait, write again
+                        problem = f"writing to Redis failed ({lost})"
+                else:
+                    # READONLY, NOREPLICAS, MISCONF, OOM...: Redis cannot take writes now; wait as for a lost
+                    # connection (the listener holds its position; the events wait in the record).
+                    problem = f"Redis refuses writes ({exc})"
             except self._errors as exc:
                 problem = f"writing to Redis failed ({exc})"
             if message.is_beat:

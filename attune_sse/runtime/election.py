@@ -157,10 +157,7 @@ class Relay:
 
     def _hello(self) -> bytes | None:
         feed = self.feed
-        if feed.position is None:
-            return None
-        return encode(Message(after=feed.position, to=feed.position, ok=feed.upstream_ok, epoch=feed.epoch or 0,
-                              base=feed.base))
+        return None if feed.position is None else encode(feed.heartbeat(feed.upstream_ok))
 
     def _still_ours(self, relay_dir: Path) -> bool:
         followers = self.followers

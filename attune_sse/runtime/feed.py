@@ -9,8 +9,9 @@ at or below its position are dropped. So a worker's clients get every event
 once, in order, whichever path and however many leaders the events came
 through.
 
-A message names its history (``epoch``, ``base``): a worker that missed a
-reset itself (it was reconnecting, or the broker's new entries sat below where
+A message names its history (``epoch``, ``base``; epoch 0 is a source that
+knows of no reset, as a worker that leads before any message reached it, and
+changes nothing): a worker that missed a reset itself (it was reconnecting, or the broker's new entries sat below where
 it had read) still sees the new epoch on the next message, and resets its
 clients to ``base`` before reading on from the record.
 """
@@ -62,7 +63,7 @@ class Feed:
             if message.reset is not None:
                 self._move_to(message.to)
                 return
-        elif message.epoch != self.epoch:
+        elif message.epoch not in (self.epoch, 0):  # 0: a source that knows no reset (a new leader)
             self.epoch, self.base = message.epoch, message.base
             if message.reset is not None:
                 self._reset(message.reset, message.to)
@@ -78,6 +79,11 @@ class Feed:
             self._fill(message.after)
         self._publish([e for e in message.events if e.event_id > self.position])
         self._move_to(message.to)
+
+    def heartbeat(self, ok: bool) -> Message:
+        """A heartbeat where this worker is, in its history (a leader's hello to a new follower)."""
+        assert self.position is not None
+        return Message(after=self.position, to=self.position, ok=ok, epoch=self.epoch or 0, base=self.base)
 
     def _publish(self, events: list[ExecutionEvent]) -> None:
         if events:

@@ -74,7 +74,8 @@ class Followers:
     def send(self, data: bytes) -> None:
         frame = _LENGTH.pack(len(data)) + data
         for link in list(self.links):
-            if link.held + len(frame) > self.max_bytes or link.queue.qsize() >= self.max_messages:
+            # One message larger than the bound still goes to a follower that has nothing pending.
+            if (link.held and link.held + len(frame) > self.max_bytes) or link.queue.qsize() >= self.max_messages:
                 self._drop(link)
                 continue
             rest = frame
@@ -100,6 +101,10 @@ class Followers:
 
     def _drop(self, link: _Link) -> None:
         self._end(link)
+        with contextlib.suppress(OSError):
+            # Its writer may be stuck in a send to a follower that reads nothing: that send fails now,
+            # and what the follower has received already stays readable before the end.
+            link.sock.shutdown(socket.SHUT_RDWR)
         self.dropped += 1
         log.warning("relay: a follower fell more than %d messages or %d MiB behind and was dropped; it "
                     "reconnects and reads what it missed from the record", self.max_messages, self.max_bytes >> 20)

@@ -73,18 +73,29 @@ def encode(message: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
-    """The message in ``data``; ValueError if it is not one ``encode`` made."""
-    line_end = data.index(b"\n")
-    header = json.loads(data[:line_end])
-    offset = line_end + 1
-    events = []
-    for event_id, entity_id, recorded_at, action_ref, length in header["events"]:
-        events.append(ExecutionEvent(event_id=event_id, entity_id=entity_id, frame=data[offset:offset + length],
-                                     recorded_at=recorded_at, action_ref=action_ref))
-        offset += length
-    if offset + header["reset"] != len(data):
-        raise ValueError("message length does not match its header")
-    reset = ResetReason.of_frame(data[offset:]) if header["reset"] else None
-    return Message(after=header["after"], to=header["to"], events=events, reset=reset, ok=header["ok"],
-                   sent_at=header["at"], epoch=header["epoch"], base=header["base"], source=header["source"],
-                   wire=data)
+    """The message in ``data``; ValueError if it is not one ``encode`` made (bytes from Redis are anyone's)."""
+    try:
+        line_end = data.index(b"\n")
+        header = json.loads(data[:line_end])
+        after, to, epoch, base = (_count(header[key]) for key in ("after", "to", "epoch", "base"))
+        offset = line_end + 1
+        events = []
+        for event_id, entity_id, recorded_at, action_ref, length in header["events"]:
+            events.append(ExecutionEvent(event_id=_count(event_id), entity_id=_count(entity_id),
+                                         frame=data[offset:offset + _count(length)], recorded_at=float(recorded_at),
+                                         action_ref=str(action_ref)))
+            offset += length
+        reset_length = _count(header["reset"])
+        if offset + reset_length != len(data):
+            raise ValueError("message length does not match its header")
+        reset = ResetReason.of_frame(data[offset:]) if reset_length else None
+        return Message(after=after, to=to, events=events, reset=reset, ok=bool(header["ok"]),
+                       sent_at=float(header["at"]), epoch=epoch, base=base, source=str(header["source"]), wire=data)
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"not a message: {type(exc).__name__}") from None
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value

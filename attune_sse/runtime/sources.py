@@ -11,7 +11,7 @@ own feed, then, as bytes, to each follower (followers.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attune_sse.runtime.listener import Listener, ListenerSettings
 
@@ -29,6 +29,9 @@ class Source(Protocol):
 
     def beat(self) -> None:
         """Send a heartbeat (followers hear that the leader is alive while no event comes)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Its counters, for /readyz."""
 
     def stop(self) -> None: ...
 
@@ -48,6 +51,9 @@ class ListenerSource:
     def beat(self) -> None:
         if self.listener is not None:
             self.listener.beat()
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "postgres"}  # its listener's counters are /readyz's "listener"
 
     def stop(self) -> None:
         if self.listener is not None:

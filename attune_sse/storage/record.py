@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
-from attune_sse.core.event import MAX_BIGINT, ExecutionEvent, Pruned, UnknownEvent
+from attune_sse.core.event import ExecutionEvent, Pruned, UnknownEvent
+from attune_sse.core.ids import MAX_BIGINT
 
 if TYPE_CHECKING:
     from attune_sse.core.grants import Scope
@@ -246,7 +247,9 @@ def read_backlog(pool: Pool, execution_id: int | None, after: int, through: int,
     """
     with pool.cursor(dict_rows=False) as cur:
         issued = newest(cur)
-    if after > issued:
+    # ``through`` may be above the newest event: ids of failed commits, passed, that a stream's
+    # keep-alive gave its client as its position. Those were issued too.
+    if after > max(issued, through):
         raise UnknownEvent(issued)
 
     def cursors() -> AbstractContextManager[Any]:
