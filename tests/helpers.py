@@ -153,15 +153,30 @@ def every_worker(server: Any, check: Callable[[dict[str, Any]], bool], what: str
             time.sleep(0.05)
 
 
-def go_back_in_time(database: Any, before: int) -> None:
+def _go_back_in_time(database: Any, before: int) -> None:
     """What a restore from a backup (or a failover to a replica that was behind) does to the record: the
     events after ``before`` are gone and the sequence is back where it was."""
     database.query("DELETE FROM attune.execution_event WHERE id > %s", (before,))
     database.query("SELECT setval('attune.execution_event_id_seq', %s)", (before,))
 
 
-def assert_reset_then_new_history(streams: list[Stream], execution_id: int, before: int, timeout: float = 10.0) -> None:
-    """Each stream gets a ``reset`` to ``before``, then the new history's running and completed."""
+def restore_while_streaming(database: Any, streams: list[Stream], execution_id: int, set_status: Any,
+                            timeout: float = 10.0) -> None:
+    """The database goes back in time under open streams (a restore, a failover to a replica that was
+    behind): two events, then the record loses them and a first new event takes an id the old history
+    had used, before the listeners reconnect. Each stream must get a ``reset`` to where the two
+    histories part, then the new history's running and completed, once."""
+    ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
+    for status in ("scheduling", "scheduled"):
+        set_status(execution_id, status)
+    for stream in streams:
+        stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
+    old = database.listener_pids()
+    _go_back_in_time(database, before)
+    set_status(execution_id, "running")
+    database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
+    wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
+    set_status(execution_id, "completed")
     for stream in streams:
         events = stream.events_until(lambda e: e.get("entity_id") == execution_id
                                      and e["data"]["status"] == "completed", timeout=timeout)

@@ -24,7 +24,7 @@ import sseclient
 
 from attune_sse.testing import ServerProcess
 from conftest import server_config
-from helpers import Stream, assert_reset_then_new_history, go_back_in_time, wait_until
+from helpers import Stream, restore_while_streaming, wait_until
 
 # Four instances start, a thousand updates, up to three takeovers: more than the suite's 120 s when the machine is busy.
 pytestmark = pytest.mark.timeout(300)
@@ -312,20 +312,8 @@ def test_a_database_that_went_back_in_time_resets_every_instance_through_the_bro
     streams = [Stream(srv.base_url + "/api/v1/executions/stream", {"token": token})
                for srv in instances for _ in range(2)]
     wait_until(lambda: publisher_pid(database), 10, "a publisher")
-    execution_id = new_execution()
-    ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
-    for status in ("scheduling", "scheduled"):
-        set_status(execution_id, status)
-    for stream in streams:
-        stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
     # The "restore", then the publisher's LISTEN reconnects to it.
-    old = database.listener_pids()
-    go_back_in_time(database, before)
-    set_status(execution_id, "running")
-    database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
-    wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
-    set_status(execution_id, "completed")
-    assert_reset_then_new_history(streams, execution_id, before, timeout=20)
+    restore_while_streaming(database, streams, new_execution(), set_status, timeout=20)
     logs = "".join(srv.log() for srv in instances)
     assert "the database went back to event" in logs and "starting stream attune:execution_events over" in logs
     # Each instance learnt of the new history from the stream: its entries of the new history above

@@ -15,7 +15,7 @@ import requests
 
 from attune_sse.storage import record
 from conftest import server_config
-from helpers import Stream, assert_reset_then_new_history, go_back_in_time, wait_until
+from helpers import Stream, restore_while_streaming, wait_until
 
 STREAM = "/api/v1/executions/stream"
 
@@ -318,19 +318,5 @@ def test_a_database_that_went_back_in_time_resets_the_streams_and_delivery_goes_
     srv = start_server(server_config(database))
     url = srv.base_url + STREAM
     streams = [Stream(url, {"token": token}) for _ in range(4)]
-    execution_id = new_execution()
-    ((before,),) = database.query("SELECT max(id) FROM attune.execution_event")
-    for status in ("scheduling", "scheduled"):
-        set_status(execution_id, status)
-    for stream in streams:
-        stream.events_until(lambda e: e["entity_id"] == execution_id and e["data"]["status"] == "scheduled")
-    # The "restore": the events after `before` are gone and the sequence is back where it was;
-    # a first new event takes an id the old history had used, before the listeners reconnect.
-    old = database.listener_pids()
-    go_back_in_time(database, before)
-    set_status(execution_id, "running")
-    database.query("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(old),))
-    wait_until(lambda: len(database.listener_pids() - old) >= 2, 10, "the listeners to reconnect")
-    set_status(execution_id, "completed")
-    assert_reset_then_new_history(streams, execution_id, before)
+    restore_while_streaming(database, streams, new_execution(), set_status)
     assert "it was restored or failed over; telling clients to reload" in srv.log()
