@@ -55,10 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attune_sse.storage.embedded import EmbeddedPostgres  # noqa: E402
-from attune_sse.storage.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
+from bench import harness  # noqa: E402
 
-SECRET = "benchmark-secret-benchmark-secret-0123456789"
 EXECUTIONS = 10_000
 TRIGGERS = {
     "none": "no trigger",
@@ -322,58 +321,45 @@ def main() -> None:
         args.seconds, args.rounds = 4, 1
 
     work = Path(tempfile.mkdtemp(prefix="attune-writes-"))
-    embedded = server = db = None
     try:
-        url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-        if not url:
-            embedded = EmbeddedPostgres(work / "pgdata", settings={"max_connections": "200"})
-            embedded.start()
-            embedded.create_database("attune_bench")
-            url = embedded.url("attune_bench")
-        apply_migrations(url)
-        db = Database(url, embedded)
-        args.server_version = db.query("SHOW server_version")[0][0].split()[0]
-        seed(db)
-        server = ServerProcess({
-            "database": {"url": url, "pool_size": 2},
-            "server": {"workers": 2},
-            "security": {"jwt_secret": SECRET},
-            "log": {"level": "warn"},
-            "events": {"prune_interval_seconds": 0},
-        }, work).start()
-        pgbench = pgbench_binary(db)
-        script = work / "update.sql"
-        script.write_text(PGBENCH_SCRIPT.format(executions=EXECUTIONS))
+        with harness.database(work, {"max_connections": "200"}) as (url, embedded):
+            db = Database(url, embedded)
+            server = None
+            try:
+                args.server_version = db.query("SHOW server_version")[0][0].split()[0]
+                seed(db)
+                server = harness.attune(url, work, database={"pool_size": 2}, events={"prune_interval_seconds": 0})
+                pgbench = pgbench_binary(db)
+                script = work / "update.sql"
+                script.write_text(PGBENCH_SCRIPT.format(executions=EXECUTIONS))
 
-        cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        checks = []
-        order = list(TRIGGERS)
-        for rnd in range(args.rounds):
-            for w in args.writers:
-                # A different trigger goes first in each round, so drift does not favour one.
-                for trigger in order[rnd % len(order):] + order[:rnd % len(order)]:
-                    cell = run_cell(db, server, pgbench, script, trigger, w, args.seconds)
-                    cells.setdefault((trigger, w), []).append(cell)
-                    log(f"round {rnd + 1}: {trigger:<8} {w:>2} writers: {cell['tps']:,.0f} updates/s, "
-                        f"CPU pgbench/postgres/service {cell['cpu']}%")
-                    if trigger in RECORDING:
-                        ok = cell["published"] >= cell["recorded"]
-                        checks.append(
-                            f"{trigger}, round {rnd + 1}, {w} writers: {cell['recorded']:,} events recorded, "
-                            f"each listener published {cell['published']:,.0f}" + ("" if ok else "  <-- MISSING"))
-        waits = {trigger: blocked_write(db, trigger) for trigger in TRIGGERS}
-        db.restore()
-        report(args, cells, waits, checks)
+                cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+                checks = []
+                order = list(TRIGGERS)
+                for rnd in range(args.rounds):
+                    for w in args.writers:
+                        # A different trigger goes first in each round, so drift does not favour one.
+                        for trigger in order[rnd % len(order):] + order[:rnd % len(order)]:
+                            cell = run_cell(db, server, pgbench, script, trigger, w, args.seconds)
+                            cells.setdefault((trigger, w), []).append(cell)
+                            log(f"round {rnd + 1}: {trigger:<8} {w:>2} writers: {cell['tps']:,.0f} updates/s, "
+                                f"CPU pgbench/postgres/service {cell['cpu']}%")
+                            if trigger in RECORDING:
+                                ok = cell["published"] >= cell["recorded"]
+                                checks.append(
+                                    f"{trigger}, round {rnd + 1}, {w} writers: {cell['recorded']:,} events "
+                                    f"recorded, each listener published {cell['published']:,.0f}"
+                                    + ("" if ok else "  <-- MISSING"))
+                waits = {trigger: blocked_write(db, trigger) for trigger in TRIGGERS}
+                db.restore()
+                report(args, cells, waits, checks)
+            finally:
+                if server is not None:
+                    server.stop()
+                db.restore()
+                db.conn.close()
     finally:
-        if server is not None:
-            server.stop()
-        if db is not None:
-            db.restore()
-            db.conn.close()
-        if embedded is not None:
-            embedded.destroy()
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()
