@@ -83,8 +83,8 @@ from attune_sse.runtime.broker import LEADER_APPLICATION_NAME, PUBLISHER_APPLICA
 from attune_sse.runtime.listener import APPLICATION_NAME as LISTENER_APP  # noqa: E402
 from attune_sse.storage import record  # noqa: E402
 from attune_sse.storage.embedded import EmbeddedPostgres, free_port  # noqa: E402
-from attune_sse.storage.migrate import apply_migrations  # noqa: E402
 from attune_sse.testing import ServerProcess  # noqa: E402
+from bench import harness  # noqa: E402
 
 SECRET = "benchmark-secret-benchmark-secret-0123456789"
 EXECUTIONS = 10_000
@@ -730,7 +730,6 @@ def main() -> None:
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="attune-fanout-"))
-    embedded: EmbeddedPostgres | None = None
     db: Database | None = None
     redis: Redis | None = None
     writer: Writer | None = None
@@ -739,16 +738,12 @@ def main() -> None:
     starts: dict[tuple[str, int], list[float]] = {}
     failures: dict[tuple[str, int], list[str]] = {}
     logs: dict[tuple[str, int], list[str]] = {}
+    stack = contextlib.ExitStack()
     try:
-        url = os.environ.get("ATTUNE_BENCH_DATABASE_URL")
-        if not url:
-            # 16 instances x 2 workers: each worker holds up to pool_size + backlog_pool_size + 1 (access watch)
-            # + its LISTEN, and each instance's leader one lock connection with the redis mode: about 160.
-            embedded = EmbeddedPostgres(work / "pgdata", settings={"max_connections": "400"})
-            embedded.start()
-            embedded.create_database("attune_bench")
-            url = embedded.url("attune_bench")
-        apply_migrations(url)
+        # 16 instances x 2 workers: each worker holds up to pool_size + backlog_pool_size + 1 (access watch)
+        # + its LISTEN, and each instance's leader one lock connection with the redis mode: about 160.
+        database = stack.enter_context(harness.database(work, {"max_connections": "400"}))
+        url, embedded = database
         db = Database(url, embedded)
         args.server_version = db.query("SHOW server_version")[0][0].split()[0]
         (args.max_connections,), = db.query("SHOW max_connections")
@@ -817,8 +812,7 @@ def main() -> None:
             redis.stop()
         if db is not None:
             db.conn.close()
-        if embedded is not None:
-            embedded.destroy()
+        stack.close()  # the database
         shutil.rmtree(work, ignore_errors=True)
 
 
