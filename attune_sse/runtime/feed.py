@@ -77,7 +77,10 @@ class Feed:
             self.position = message.after  # a new worker starts where its first message does
         elif message.after > self.position:
             self._fill(message.after)
-        self._publish([e for e in message.events if e.event_id > self.position])
+        events = message.events
+        if events and events[0].event_id <= self.position:  # only at a seam (a new leader resent some)
+            events = [e for e in events if e.event_id > self.position]
+        self._publish(events)
         self._move_to(message.to)
 
     def heartbeat(self, ok: bool) -> Message:

@@ -72,24 +72,27 @@ class Followers:
         return len(self.links)
 
     def send(self, data: bytes) -> None:
-        frame = _LENGTH.pack(len(data)) + data
+        """``data`` to every follower behind its length, uncopied (a message may hold a 16 MiB result)."""
+        message: list[bytes | memoryview] = [_LENGTH.pack(len(data)), data]
+        size = _LENGTH.size + len(data)
         for link in list(self.links):
             # One message larger than the bound still goes to a follower that has nothing pending.
-            if (link.held and link.held + len(frame) > self.max_bytes) or link.queue.qsize() >= self.max_messages:
+            if (link.held and link.held + size > self.max_bytes) or link.queue.qsize() >= self.max_messages:
                 self._drop(link)
                 continue
-            rest = frame
+            rest: list[bytes | memoryview] = message
             if not link.writing and link.queue.empty():
                 try:
-                    rest = frame[os.write(link.sock.fileno(), frame):]
+                    written = os.writev(link.sock.fileno(), message)
                 except BlockingIOError:
-                    pass  # its socket is full: the writer sends it when it drains
+                    written = 0  # its socket is full: the writer sends it when it drains
                 except OSError:
                     self._end(link)  # gone: its writer sees it too
                     continue
-                if not rest:
+                if written == size:
                     continue
-            link.held += len(rest)
+                rest = _after(message, written)
+            link.held += sum(len(part) for part in rest)
             link.queue.put_nowait(rest)
 
     def _end(self, link: _Link) -> None:
@@ -113,19 +116,19 @@ class Followers:
         link = _Link(sock)
         hello = self.hello()
         if hello is not None:
-            frame = _LENGTH.pack(len(hello)) + hello
-            link.queue.put_nowait(frame)
-            link.held = len(frame)
+            link.queue.put_nowait([_LENGTH.pack(len(hello)), hello])
+            link.held = _LENGTH.size + len(hello)
         self.links.add(link)
         try:
             while True:
-                frame = link.queue.get()
-                if frame is None:
+                parts = link.queue.get()
+                if parts is None:
                     return
                 link.writing = True
-                sock.sendall(frame)
+                for part in parts:
+                    sock.sendall(part)
                 link.writing = False
-                link.held -= len(frame)
+                link.held -= sum(len(part) for part in parts)
         except OSError:
             pass  # the follower went away
         finally:
@@ -138,6 +141,18 @@ class Followers:
         self.server.stop(timeout=0.5)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _after(parts: list[bytes | memoryview], written: int) -> list[bytes | memoryview]:
+    """What is left of ``parts`` once ``written`` bytes of them went out (views, not copies)."""
+    rest: list[bytes | memoryview] = []
+    for part in parts:
+        if written >= len(part):
+            written -= len(part)
+            continue
+        rest.append(memoryview(part)[written:] if written else part)
+        written = 0
+    return rest
 
 
 def read_messages(sock: socket.socket) -> Iterator[Message]:
