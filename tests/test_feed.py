@@ -149,3 +149,36 @@ def test_bytes_that_are_not_a_message_are_refused_as_such(header: bytes) -> None
     reset = b'{"after":1,"to":1,"epoch":0,"base":0,"events":[],"reset":%d,"ok":true,"at":0,"source":""}\n'
     with pytest.raises(ValueError):
         decode(reset % len(frame) + frame)
+
+
+def test_messages_waiting_together_reach_the_follower_as_one_batch() -> None:
+    """A follower that fell behind finds several messages in one read: the batches among them that follow
+    one another come as one (one write per client), while a reset, a message of another history and one
+    after a hole stay apart, in order."""
+    import struct
+
+    from gevent import socket
+
+    from attune_sse.runtime.followers import read_messages
+
+    def event(n: int) -> ExecutionEvent:
+        return ExecutionEvent.from_record(n, 1, b'{"n":%d}' % n, float(n), "")
+
+    sent = [Message(after=1, to=2, events=[event(2)], epoch=5), Message(after=2, to=4, events=[event(4)], epoch=5),
+            Message(after=4, to=4, epoch=5, ok=False),  # a heartbeat says the source is down
+            Message(after=4, to=6, events=[event(5), event(6)], epoch=5),
+            Message(after=6, to=6, reset=ResetReason.REWOUND, epoch=6, base=6),
+            Message(after=6, to=7, events=[event(7)], epoch=6, base=6),
+            Message(after=9, to=10, events=[event(10)], epoch=6, base=6)]  # after a hole: the feed reads 8..9
+    leader, follower = socket.socketpair()
+    leader.sendall(b"".join(struct.pack("!I", len(encode(m))) + encode(m) for m in sent))
+    leader.close()
+    got = []
+    with follower, pytest.raises(EOFError):
+        for message in read_messages(follower):
+            got.append(message)
+    assert [(m.after, m.to, [e.event_id for e in m.events], m.reset, m.epoch) for m in got] == [
+        (1, 6, [2, 4, 5, 6], None, 5), (6, 6, [], ResetReason.REWOUND, 6), (6, 7, [7], None, 6),
+        (9, 10, [10], None, 6)]
+    assert got[0].ok, "the last word on the source is the newest message's"
+    assert [e.frame for m in got for e in m.events] == [event(n).frame for n in (2, 4, 5, 6, 7, 10)]

@@ -181,18 +181,13 @@ class Subscription:
         self._inflight += len(raw)
         return raw
 
-    def _write_direct(self, sink: Sink, chunk: bytes) -> bool:
-        """Have ``sink`` (this subscriber's) write a framed batch for the idle writer; False if it must
-        be queued instead."""
-        written = sink.try_write(chunk)
-        if written < 0:
-            return False  # full or gone: the writer's own write will tell
-        if written < len(chunk):
-            self._raw = chunk[written:]
-            self._hold(len(self._raw))
-            self._wake()
+    def _wrote_part(self, chunk: bytes, written: int) -> None:
+        """The sink took only ``written`` bytes of a direct write: the idle writer sends the rest before
+        anything else."""
+        self._raw = chunk[written:]
+        self._hold(len(self._raw))
+        self._wake()
         self._quiet = False
-        return True
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -407,17 +402,27 @@ class Hub:
         chunk: bytes | None = None  # framed once per batch, when a first subscriber can take it directly
         size = _size(events)
         max_bytes = self.max_client_bytes
+        first = events[0].event_id
         for sub in subs:
-            mine = sub._unsent(events)
+            # The hot loop (every event, every client): the common case in few steps.
+            mine = events if first > sub.skip_through else sub._unsent(events)
             if not mine:
                 continue
             sink = sub.sink
             if sink is not None and sub._waiter is not None and not sub._pending and not sub._raw:  # writer idle
                 if mine is events:
-                    chunk = framed = chunk or sink.frame([e.frame for e in events])
+                    if chunk is None:
+                        chunk = sink.frame([e.frame for e in events])
+                    framed = chunk
                 else:
                     framed = sink.frame([e.frame for e in mine])
-                if sub._write_direct(sink, framed):
+                written = sink.try_write(framed)
+                if written == len(framed):
+                    sub._quiet = False
+                    direct += len(mine)
+                    continue
+                if written >= 0:  # partial: the writer finishes it (-1: full or gone, so it is queued)
+                    sub._wrote_part(framed, written)
                     direct += len(mine)
                     continue
             mine_size = size if mine is events else _size(mine)

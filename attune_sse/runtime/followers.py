@@ -22,7 +22,7 @@ import gevent.queue
 from gevent import socket  # cooperative whether or not the process is patched (in-process tests)
 from gevent.server import StreamServer
 
-from attune_sse.runtime.message import Message, decode
+from attune_sse.runtime.message import Message, coalesce, decode
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def _after(parts: list[bytes | memoryview], written: int) -> list[bytes | memory
 
 def read_messages(sock: socket.socket) -> Iterator[Message]:
     """A follower's side: the messages on ``sock``, read in large chunks (one wake-up brings all that
-    came); EOFError once the leader closes it, ValueError for bytes that are not messages."""
+    came, and the batches among it that follow one another come as one: message.coalesce); EOFError
+    once the leader closes it, ValueError for bytes that are not messages."""
     buffer = bytearray()
     while True:
         chunk = sock.recv(65536)
@@ -165,11 +166,17 @@ def read_messages(sock: socket.socket) -> Iterator[Message]:
             raise EOFError("the leader closed the connection")
         buffer += chunk
         start = 0
+        arrived = []
         while len(buffer) - start >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(buffer, start)
             end = start + _LENGTH.size + length
             if end > len(buffer):
                 break
-            yield decode(bytes(buffer[start + _LENGTH.size:end]))
+            try:
+                arrived.append(decode(bytes(buffer[start + _LENGTH.size:end])))
+            except ValueError:
+                yield from coalesce(arrived)  # what came before it is whole
+                raise
             start = end
         del buffer[:start]
+        yield from coalesce(arrived)

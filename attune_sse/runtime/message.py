@@ -57,6 +57,22 @@ class Outlet(Protocol):
     def send(self, message: Message) -> None: ...
 
 
+def coalesce(messages: list[Message]) -> list[Message]:
+    """``messages`` (in order) with each run of batches that follow one another as one batch: what a
+    worker that fell behind finds waiting goes to its hub as one batch, one write per client instead of
+    one per message. Resets, and messages of another history, stay as they are."""
+    merged: list[Message] = []
+    for message in messages:
+        last = merged[-1] if merged else None
+        if (last is None or message.reset is not None or last.reset is not None or message.after != last.to
+                or (message.epoch, message.base, message.source) != (last.epoch, last.base, last.source)):
+            merged.append(message)
+            continue
+        merged[-1] = Message(after=last.after, to=message.to, events=last.events + message.events, ok=message.ok,
+                             sent_at=message.sent_at, epoch=last.epoch, base=last.base, source=last.source)
+    return merged
+
+
 def encode(message: Message) -> bytes:
     """The message's bytes (made once: a decoded message keeps those it came as)."""
     if message.wire is not None:
